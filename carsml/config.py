@@ -1,0 +1,118 @@
+"""Experiment configuration: defaults from `experiments/<name>.yaml`, overrides from the CLI or `mlflow run -P`.
+
+A YAML file may start with `inherit: <other>` to take another file's keys first (so shared defaults live once).
+A trailing `# comment` on a key's line is that option's help text in the CLI and the MLproject.
+Configs are flat dicts of scalars (str, int, float, bool) so every key maps 1:1 onto an MLproject parameter.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from carsml.errors import ConfigError
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
+_COMMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:.*?#\s*(.+)$")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configurable option: its default value (whose type is the option's type) and help text."""
+
+    name: str
+    default: Any
+    help: str = ""
+
+    @property
+    def type(self) -> type:
+        return type(self.default)
+
+
+def entry_points() -> list[str]:
+    """Names of all experiments that have a defaults file (files starting with '_' are shared bases)."""
+    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def _defaults_file(name: str) -> Path:
+    path = EXPERIMENTS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"Unknown experiment {name!r}: no defaults file {path}. Known: {', '.join(entry_points())}")
+    return path
+
+
+def options(name: str) -> dict[str, Option]:
+    """All options of experiment `name` (inherited ones first), with defaults and help."""
+    path = _defaults_file(name)
+    raw = yaml.safe_load(path.read_text()) or {}
+    helps = {}
+    for line in path.read_text().splitlines():
+        m = _COMMENT.match(line.strip())
+        if m:
+            helps[m.group(1)] = m.group(2).strip()
+    parent = raw.pop("inherit", None)
+    merged: dict[str, Option] = options(parent) if parent else {}
+    for key, value in raw.items():
+        if not isinstance(value, (str, int, float, bool)):
+            raise ConfigError(f"{path}: option {key!r} must be a scalar (str/int/float/bool), got {value!r}")
+        if key in merged and not helps.get(key):
+            helps[key] = merged[key].help
+        merged[key] = Option(key, value, helps.get(key, ""))
+    return merged
+
+
+def coerce(option: Option, value: Any) -> Any:
+    """Convert `value` (often a string from the command line) to the option's type, or raise ConfigError."""
+    kind = option.type
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    text = str(value).strip()
+    try:
+        if kind is bool:
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            as_float = float(text)
+            if not as_float.is_integer():
+                raise ValueError
+            return int(as_float)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        raise ConfigError(
+            f"Option {option.name!r}: expected {kind.__name__}, got {value!r}"
+        ) from None
+    return text
+
+
+def load_config(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults of experiment `name` with `overrides` applied (unknown keys raise ConfigError listing valid ones)."""
+    opts = options(name)
+    cfg = {key: opt.default for key, opt in opts.items()}
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in opts:
+            raise ConfigError(f"Experiment {name!r} has no option {key!r}. Valid options: {', '.join(sorted(opts))}")
+        cfg[key] = coerce(opts[key], value)
+    cfg["entry_point"] = name
+    return cfg
+
+
+def parse_assignments(pairs: list[str]) -> dict[str, str]:
+    """Parse `key=value` strings (the CLI's `--set`)."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"Expected key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip().replace("-", "_")] = value
+    return out

@@ -1,0 +1,56 @@
+"""Parts every entry point shares: resolving the `data` option and locating the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from carsml.data.cache import default_cache_dir
+from carsml.data.readers import load_dataset
+from carsml.data.synthetic import ensure_synthetic
+from carsml.data.table import Dataset
+
+
+def cache_root(cfg: dict[str, Any]) -> Path:
+    """The cache directory of this config (`cache_dir`, else $CARSML_CACHE or ~/.cache/carsml)."""
+    return Path(cfg["cache_dir"]).expanduser() if cfg.get("cache_dir") else default_cache_dir()
+
+
+def resolve_dataset(cfg: dict[str, Any]) -> Dataset:
+    """Read the dataset named by `cfg["data"]`: the embedded synthetic set (generated on first use) or a path."""
+    if cfg["data"] == "synthetic":
+        root = ensure_synthetic(
+            cache_root(cfg) / "synthetic",
+            num_classes=cfg["synth_classes"],
+            images_per_class=cfg["synth_images_per_class"],
+            seed=cfg["synth_seed"],
+        )
+        return load_dataset(root)
+    return load_dataset(cfg["data"])
+
+
+def limit_classes(dataset: Dataset, max_classes: int) -> Dataset:
+    """Keep only the first `max_classes` classes (0 = all) for quick runs."""
+    if not max_classes or max_classes >= dataset.num_classes:
+        return dataset
+    table = dataset.table[dataset.table["label"] < max_classes].reset_index(drop=True)
+    return Dataset(table, dataset.class_names[:max_classes], dataset.layout, dataset.root, dataset.has_images,
+                   [*dataset.notes, f"limited to the first {max_classes} classes"])
+
+
+OUR_CNNS = ("baseline_cnn", "improved_cnn")
+
+
+def model_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """create_model keyword arguments from a training config (our CNNs' options only apply to them)."""
+    kwargs: dict[str, Any] = {"dropout": cfg["dropout"] if cfg["dropout"] >= 0 else None}
+    if cfg["model"] in OUR_CNNS:
+        kwargs["head_widths"] = tuple(int(w) for w in str(cfg["head_widths"]).split(",") if w.strip())
+        kwargs["head"] = cfg["head"]
+        kwargs["se"] = cfg["se"]
+        if cfg["model"] == "improved_cnn":
+            kwargs["late_residual"] = cfg["late_residual"]
+    for key in ("pretrained", "weights", "drop_path_rate"):
+        if key in cfg and cfg[key] not in ("", None):
+            kwargs[key] = cfg[key]
+    return kwargs

@@ -1,0 +1,218 @@
+"""Study rows 2 and 5 — train one network (baseline_cnn, improved_cnn or a timm model) and evaluate it.
+
+`fit_and_log` is the training body every experiment shares (single runs, k-fold children, transfer, tuning trials).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+from sklearn.metrics import confusion_matrix
+
+from carsml.config import load_config
+from carsml.data.cache import DecodedImages, build_cache
+from carsml.data.splits import membership_table, train_val_split
+from carsml.data.table import Dataset
+from carsml.data.transforms import build_transform
+from carsml.engine.callbacks import Callback, RichProgress
+from carsml.engine.evaluate import EvalResult, evaluate
+from carsml.engine.loader import ArrayData
+from carsml.engine.train import FitResult, TrainConfig, fit
+from carsml.errors import CarsmlError, ConfigError
+from carsml.experiments.common import cache_root, limit_classes, model_kwargs, resolve_dataset
+from carsml.models.factory import count_parameters, create_model, model_config, resolve_data_config
+from carsml.tracking import figures
+from carsml.tracking.models import log_model
+from carsml.tracking.runs import log_csv, log_dataset, log_figure, start_run
+
+TRAIN_KEYS = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "scheduler", "warmup_epochs",
+              "plateau_factor", "plateau_patience", "label_smoothing", "grad_clip", "early_stopping_patience",
+              "amp", "channels_last", "device", "seed", "head_lr", "freeze_backbone_epochs")
+
+
+def train_config(cfg: dict[str, Any]) -> TrainConfig:
+    """The engine config from an experiment config; validated (raises ConfigError before any run exists)."""
+    kwargs = {k: cfg[k] for k in TRAIN_KEYS if k in cfg}
+    if kwargs.get("head_lr", 0) <= 0:
+        kwargs.pop("head_lr", None)
+    tc = TrainConfig(**kwargs)
+    tc.validate()
+    return tc
+
+
+class MlflowMetrics(Callback):
+    """Hands per-epoch metrics to one MLflow run (step = epoch); on resume, back-fills any epoch the run lacks so
+    every step is logged exactly once."""
+
+    def __init__(self, run_id: str, prefix: str = "") -> None:
+        self.run_id, self.prefix = run_id, prefix
+        self.client = MlflowClient()
+
+    def on_resume(self, history: list[dict]) -> None:
+        for record in history:
+            epoch = int(record["epoch"])
+            for key, value in record.items():
+                if key == "epoch":
+                    continue
+                steps = {m.step for m in self.client.get_metric_history(self.run_id, self.prefix + key)}
+                if epoch not in steps:
+                    self.client.log_metric(self.run_id, self.prefix + key, float(value), step=epoch)
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics({self.prefix + k: float(v) for k, v in metrics.items() if k != "epoch"}, step=epoch,
+                           run_id=self.run_id)
+
+
+@dataclass
+class Trained:
+    """What one training run produced."""
+
+    fit: FitResult
+    test: EvalResult | None
+    finals: dict[str, float]
+    history: pd.DataFrame
+    model_uri: str | None
+
+
+def decode(cfg: dict[str, Any], dataset: Dataset, split: str) -> DecodedImages | None:
+    """Decoded crops of one official split (None when the dataset has no such split); skipped files are logged."""
+    rows = dataset.split(split)
+    if rows.empty:
+        return None
+    decoded = build_cache(rows, cfg["image_size"], cache_dir=cache_root(cfg), use_boxes=cfg["use_boxes"],
+                          margin=cfg["crop_margin"], skip_unreadable=cfg["skip_unreadable"])
+    if decoded.skipped and mlflow.active_run():
+        log_csv(pd.DataFrame(decoded.skipped, columns=["path", "reason"]), f"data/skipped_{split}.csv")
+        mlflow.log_metric(f"{split}_images_skipped", len(decoded.skipped))
+    return decoded
+
+
+def info_for(model: Any, class_names: list[str], image_size: int, **extra: Any) -> dict[str, Any]:
+    """The bundle info saved with a model: how to rebuild it and what its outputs mean."""
+    data_cfg = resolve_data_config(model)
+    return {"model_config": model_config(model), "class_names": list(class_names), "image_size": image_size,
+            "mean": list(data_cfg["mean"]), "std": list(data_cfg["std"]), **extra}
+
+
+def fit_and_log(
+    cfg: dict[str, Any],
+    model: Any,
+    class_names: list[str],
+    train: ArrayData,
+    val: ArrayData,
+    test: ArrayData | None,
+    *,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    callbacks: tuple[Callback, ...] = (),
+    info_extra: dict[str, Any] | None = None,
+) -> Trained:
+    """Train with the shared engine inside the active run; log curves, finals, confusion matrix and the best model."""
+    run_id = mlflow.active_run().info.run_id
+    tc = train_config(cfg)
+    data_cfg = resolve_data_config(model)
+    train_tf = build_transform(cfg["augmentation"], mean=data_cfg["mean"], std=data_cfg["std"],
+                               mixup=cfg.get("mixup", 0.0), cutmix=cfg.get("cutmix", 0.0))
+    eval_tf = build_transform("none", mean=data_cfg["mean"], std=data_cfg["std"])
+    n_params = count_parameters(model)
+    mlflow.log_metric("n_params", n_params)
+    result = fit(model, train, val, tc, train_transform=train_tf, eval_transform=eval_tf, test=test,
+                 callbacks=(MlflowMetrics(run_id), RichProgress(), *callbacks),
+                 checkpoint_dir=checkpoint_dir, resume=resume)
+    model.load_state_dict(result.best_state_dict)
+    history = pd.DataFrame(result.history)
+    finals = {"best_val_acc": result.best_val_acc, "best_val_loss": result.best_val_loss,
+              "best_epoch": float(result.best_epoch), "n_params": float(n_params),
+              "train_seconds": result.train_seconds, "epochs_run": float(result.epochs_run)}
+    test_result = None
+    if test is not None:
+        test_result = evaluate(model, test, eval_tf, batch_size=tc.eval_batch_size or tc.batch_size,
+                               device=tc.device, amp=tc.amp, channels_last=tc.channels_last)
+        finals.update({"test_acc": test_result.acc, "test_loss": test_result.loss, "test_top5": test_result.top5,
+                       "test_macro_f1": test_result.macro_f1,
+                       "test_correct": float((test_result.preds == test_result.labels).sum()),
+                       "test_errors": float((test_result.preds != test_result.labels).sum())})
+    mlflow.log_metrics(finals)
+    log_csv(history, "tables/history.csv")
+    log_figure(figures.training_curves(history, title=f"{cfg['model']} — {cfg['entry_point']}"),
+               "figures/curves.png")
+    if test_result is not None:
+        log_confusion(test_result, class_names, "test")
+    model_uri = None
+    if cfg.get("log_model", True):
+        examples = np.asarray(test.images[:2] if test is not None else val.images[:2])
+        info = info_for(model, class_names, cfg["image_size"], source_run_id=run_id, **(info_extra or {}))
+        model_uri = log_model(model.cpu(), info, examples)
+    return Trained(result, test_result, finals, history, model_uri)
+
+
+def log_confusion(result: EvalResult, class_names: list[str], split: str) -> np.ndarray:
+    """Row-normalised confusion matrix as a figure and CSV; per-image predictions as CSV."""
+    n = len(class_names)
+    counts = confusion_matrix(result.labels, result.preds, labels=np.arange(n))
+    norm = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    log_figure(figures.confusion_matrix(norm, class_names, title=f"Confusion matrix ({split}, row-normalised)"),
+               f"figures/confusion_matrix_{split}.png")
+    log_csv(pd.DataFrame(counts, index=class_names, columns=class_names).reset_index(names="true\\predicted"),
+            f"tables/confusion_matrix_{split}.csv")
+    probs = result.probs
+    log_csv(pd.DataFrame({"label": result.labels, "pred": result.preds,
+                          "score": probs[np.arange(len(probs)), result.preds]}), f"tables/predictions_{split}.csv")
+    return counts
+
+
+def _resume_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    """The original run's config and checkpoint folder for `resume_run_id` (checked before anything starts)."""
+    run_id = cfg["resume_run_id"]
+    try:
+        run = MlflowClient().get_run(run_id)
+    except Exception as exc:  # noqa: BLE001 - MlflowException or a connection error, both mean "cannot resume"
+        raise CarsmlError(f"resume_run_id={run_id!r}: no such MLflow run ({exc})") from None
+    if run.data.tags.get("carsml.entry_point") != cfg["entry_point"]:
+        raise ConfigError(f"resume_run_id={run_id!r} is a {run.data.tags.get('carsml.entry_point')!r} run, "
+                          f"not {cfg['entry_point']!r}")
+    folder = Path(run.data.tags.get("carsml.checkpoint_dir", ""))
+    if not (folder / "last.pt").is_file():
+        raise CarsmlError(f"resume_run_id={run_id!r}: no checkpoint at {folder / 'last.pt'}")
+    original = {k: v for k, v in run.data.params.items()}
+    resumed = load_config(cfg["entry_point"], {**original, "resume_run_id": run_id})
+    return resumed, folder
+
+
+def run(cfg: dict[str, Any]) -> Trained:
+    """Train one network on a stratified train/val split of the official train set; report the official test split."""
+    from carsml.tracking.runs import setup_tracking
+
+    setup_tracking()
+    checkpoint_dir = None
+    if cfg["resume_run_id"]:
+        cfg, checkpoint_dir = _resume_config(cfg)
+    train_config(cfg)  # validate before any work
+    dataset = limit_classes(resolve_dataset(cfg), cfg["max_classes"])
+    model = create_model(cfg["model"], dataset.num_classes, cfg["image_size"], **model_kwargs(cfg))
+    run_name = f"{cfg['entry_point']}-{cfg['model']}"
+    with start_run(cfg["entry_point"], cfg, run_name=run_name, resume_run_id=cfg["resume_run_id"]) as active:
+        run_id = active.info.run_id
+        if checkpoint_dir is None:
+            checkpoint_dir = cache_root(cfg) / "checkpoints" / run_id
+            mlflow.set_tag("carsml.checkpoint_dir", str(checkpoint_dir))
+        mlflow.set_tag("carsml.model", cfg["model"])
+        train_rows, test_rows = decode(cfg, dataset, "train"), decode(cfg, dataset, "test")
+        if not cfg["resume_run_id"]:
+            log_dataset(dataset, train_rows.table, "train")
+            if test_rows is not None:
+                log_dataset(dataset, test_rows.table, "test")
+        all_train = ArrayData(train_rows.images, train_rows.labels)
+        train_idx, val_idx = train_val_split(train_rows.labels, cfg["val_fraction"], cfg["seed"])
+        if not cfg["resume_run_id"]:
+            log_csv(membership_table(train_rows.table["fname"], {"train": train_idx, "val": val_idx}),
+                    "data/split_membership.csv")
+        test = ArrayData(test_rows.images, test_rows.labels) if test_rows is not None else None
+        return fit_and_log(cfg, model, dataset.class_names, all_train.subset(train_idx), all_train.subset(val_idx),
+                           test, checkpoint_dir=checkpoint_dir, resume=bool(cfg["resume_run_id"]))

@@ -1,0 +1,148 @@
+"""Logging and loading carsml models.
+
+A trained network is saved as a *bundle* — `weights.pt` (state dict) and `model.json` (the factory config that rebuilds
+the architecture, class names, input size and normalisation, extras such as an added class) — and logged as an MLflow
+pyfunc LoggedModel (models-from-code, `pyfunc_model.py`) that carries the bundle. Later experiments load models by run id
+or `models:/` URI, never by a loose file path; `mlflow models serve` serves the same thing.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+from PIL import Image
+
+from carsml.errors import CarsmlError
+
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+BUNDLE = "bundle"
+
+
+def save_bundle(model: torch.nn.Module, info: dict[str, Any], directory: Path) -> Path:
+    """Write weights.pt + model.json into `directory` (created); `info` needs model_config and class_names."""
+    missing = {"model_config", "class_names", "image_size", "mean", "std"} - set(info)
+    if missing:
+        raise ValueError(f"bundle info lacks {sorted(missing)}")
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = directory / "weights.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, directory / "weights.pt")
+    (directory / "model.json").write_text(json.dumps(info, indent=2))
+    return directory
+
+
+def load_bundle(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the model of a bundle folder (eval mode, CPU) and return it with its info."""
+    from carsml.models.factory import create_model
+
+    directory = Path(directory)
+    info = json.loads((directory / "model.json").read_text())
+    cfg = dict(info["model_config"])
+    model = create_model(**cfg)
+    model.load_state_dict(torch.load(directory / "weights.pt", map_location="cpu", weights_only=True))
+    return model.eval(), info
+
+
+def encode_image(image: np.ndarray | Image.Image, fmt: str = "JPEG") -> str:
+    """Base64 text of an image encoded as JPEG/PNG: the serving input format."""
+    img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, quality=92)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "image")]),
+    outputs=Schema([ColSpec("string", "label"), ColSpec("long", "class_id"), ColSpec("double", "score"),
+                    ColSpec("string", "top5_labels"), ColSpec("string", "top5_scores")]),
+)
+
+
+def log_model(model: torch.nn.Module, info: dict[str, Any], example_images: np.ndarray, name: str = "model",
+              extra_artifacts: dict[str, str] | None = None, python_model: Path = PYFUNC_FILE) -> str:
+    """Log `model` to the active run as a pyfunc LoggedModel; return its `models:/m-...` URI.
+
+    `example_images` (uint8 N x H x W x 3, N >= 2) become the base64 input example.
+    """
+    import carsml
+
+    examples = pd.DataFrame({"image": [encode_image(img) for img in example_images[:2]]})
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = save_bundle(model, info, Path(tmp) / BUNDLE)
+        logged = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(python_model),
+            artifacts={BUNDLE: str(bundle), **(extra_artifacts or {})},
+            code_paths=[str(Path(carsml.__file__).parent)],
+            signature=SIGNATURE,
+            input_example=examples,
+            pip_requirements=_requirements(),
+        )
+    mlflow.set_tag(f"carsml.{name}_uri", logged.model_uri)
+    return logged.model_uri
+
+
+def _requirements() -> list[str]:
+    import importlib.metadata as md
+
+    pkgs = ["torch", "torchvision", "timm", "pillow", "pandas", "numpy", "scikit-learn", "skops", "mlflow"]
+    out = []
+    for pkg in pkgs:
+        try:
+            out.append(f"{pkg}=={md.version(pkg)}")
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def resolve_model_uri(ref: str, name: str = "model") -> str:
+    """A `models:/` URI for `ref`: a run id (its logged model `name`), `runs:/<id>/<name>`, or a `models:/` URI."""
+    ref = ref.strip()
+    if ref.startswith("models:/"):
+        return ref
+    if ref.startswith("runs:/"):
+        run_id, _, sub = ref[len("runs:/"):].partition("/")
+        ref, name = run_id, sub or name
+    try:
+        run = mlflow.get_run(ref)
+    except MlflowException as exc:
+        raise CarsmlError(f"Unknown MLflow run id {ref!r} (tracking URI {mlflow.get_tracking_uri()}): {exc}") from None
+    uri = run.data.tags.get(f"carsml.{name}_uri")
+    if not uri:
+        raise CarsmlError(
+            f"Run {ref} ({run.info.run_name}) holds no carsml model named {name!r}; pass a run of a training "
+            f"experiment (baseline, improved, transfer, ...) or a models:/ URI."
+        )
+    return uri
+
+
+def download_bundle(ref: str, name: str = "model", dst: str | None = None) -> Path:
+    """Download the bundle of a run id / models:/ URI and return the local bundle folder."""
+    uri = resolve_model_uri(ref, name)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst))
+    except MlflowException as exc:
+        raise CarsmlError(f"Could not load model {uri!r}: {exc}") from None
+    found = sorted(local.rglob("model.json"))
+    if not found:
+        raise CarsmlError(f"Model {uri!r} has no carsml bundle (model.json); it was not logged by carsml.")
+    return found[0].parent
+
+
+def load_model(ref: str, name: str = "model") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load a carsml model from a run id, `runs:/` or `models:/` URI."""
+    return load_bundle(download_bundle(ref, name))

@@ -1,0 +1,41 @@
+"""Shared fixtures: every test gets its own SQLite tracking store and working directory; the decoded-image cache and
+the synthetic datasets are shared per session (generated once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "stanford_cars"
+
+# a tiny configuration that exercises the real code paths in seconds
+TINY = {"synth_classes": 4, "synth_images_per_class": 16, "image_size": 32, "head_widths": "64,32",
+        "epochs": 2, "batch_size": 32, "device": "cpu"}
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("carsml-cache")
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cache_dir: Path) -> Path:
+    monkeypatch.setenv("CARSML_CACHE", str(cache_dir))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    import mlflow
+
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real Stanford Cars annotations not found at {SHARED_DATA}")
+    return SHARED_DATA

@@ -1,0 +1,67 @@
+"""Experiment configs: YAML defaults, inheritance, overrides, and the generated MLproject."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from carsml import mlproject
+from carsml.config import entry_points, load_config, options, parse_assignments
+from carsml.errors import ConfigError
+from tests.conftest import REPO
+
+
+def test_study_defaults_come_from_yaml_with_inheritance() -> None:
+    improved = load_config("improved")
+    assert (improved["model"], improved["epochs"], improved["lr"]) == ("improved_cnn", 25, 0.0005)
+    assert (improved["weight_decay"], improved["augmentation"], improved["scheduler"]) == (1e-4, "study", "plateau")
+    baseline = load_config("baseline")
+    assert (baseline["epochs"], baseline["augmentation"], baseline["batch_size"]) == (15, "none", 128)
+    assert load_config("kfold_improved")["folds"] == 5
+    assert load_config("kfold_improved")["epochs"] == 25  # inherited from improved
+    assert load_config("data_analysis")["data"] == "synthetic"
+
+
+def test_overrides_are_coerced_to_the_option_type() -> None:
+    cfg = load_config("baseline", {"lr": "1e-3", "epochs": "3", "use_boxes": "false", "data": "/x"})
+    assert cfg["lr"] == 1e-3 and cfg["epochs"] == 3 and cfg["use_boxes"] is False and cfg["data"] == "/x"
+    assert load_config("baseline", {"epochs": "3.0"})["epochs"] == 3  # mlflow passes floats for numeric params
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"lrr": 1}, "has no option 'lrr'"),
+    ({"epochs": "ten"}, "'epochs': expected int"),
+    ({"epochs": "2.5"}, "'epochs': expected int"),
+    ({"use_boxes": "maybe"}, "'use_boxes': expected bool"),
+])
+def test_bad_overrides_name_the_option(overrides: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        load_config("baseline", overrides)
+
+
+def test_unknown_experiment_lists_known_ones() -> None:
+    with pytest.raises(ConfigError, match="Known: .*baseline"):
+        load_config("nope")
+
+
+def test_every_option_has_help_text() -> None:
+    for name in entry_points():
+        missing = [k for k, opt in options(name).items() if not opt.help]
+        assert not missing, f"{name}: options without a help comment: {missing}"
+
+
+def test_parse_assignments() -> None:
+    assert parse_assignments(["lr=0.1", "head-widths=8,4"]) == {"lr": "0.1", "head_widths": "8,4"}
+    with pytest.raises(ConfigError):
+        parse_assignments(["lr"])
+
+
+def test_mlproject_is_generated_from_the_yaml_defaults() -> None:
+    assert (REPO / "MLproject").read_text() == mlproject.render(), "run `python -m carsml.mlproject`"
+    spec = yaml.safe_load((REPO / "MLproject").read_text())
+    for entry, command in mlproject.ENTRY_POINTS.items():
+        point = spec["entry_points"][entry]
+        assert set(point["parameters"]) == set(options(entry))
+        for key in options(entry):  # every parameter is passed explicitly, dashed for Typer
+            assert f"--{key.replace('_', '-')} {{{key}}}" in point["command"]
+        assert point["command"].startswith(f"carsml {command} ")
