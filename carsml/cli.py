@@ -7,9 +7,8 @@ import importlib
 import inspect
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-import click
 import typer
 from rich.console import Console
 
@@ -47,11 +46,13 @@ def _register(name: str, command_name: str, target: typer.Typer) -> None:
     """Add a command whose options mirror the experiment's YAML defaults (so defaults live in one place)."""
     params = []
     for key, opt in options(name).items():
-        kind = {bool: click.BOOL, int: int, float: float}.get(opt.type, str)
+        # booleans take a value (`--use-boxes false`) so MLproject commands can pass them like any other parameter
+        kind = {int: int, float: float}.get(opt.type, str)
+        metavar = {bool: "BOOL", int: "INT", float: "FLOAT"}.get(opt.type, "TEXT")
         params.append(inspect.Parameter(
-            key, inspect.Parameter.KEYWORD_ONLY, annotation=kind if kind is not click.BOOL else str,
-            default=typer.Option(None, f"--{key.replace('_', '-')}", show_default=False,
-                                 help=f"{opt.help} [default: {opt.default!r}]", click_type=kind),
+            key, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],  # noqa: UP007 - typer needs Optional
+            default=typer.Option(None, f"--{key.replace('_', '-')}", show_default=False, metavar=metavar,
+                                 help=f"{opt.help} [default: {opt.default!r}]"),
         ))
 
     def command(**kwargs: Any) -> None:

@@ -7,9 +7,11 @@ creates it). A run that fails is ended FAILED with the reason in the `carsml.err
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,11 +109,18 @@ def start_run(
 def log_dataset(dataset: Dataset, rows: pd.DataFrame, context: str) -> None:
     """Record which data the run saw (`mlflow.log_input`) plus the layout and digest as tags."""
     table = rows[["fname", "label", "class_name", "x1", "y1", "x2", "y2", "split"]]
-    ds = mlflow.data.from_pandas(table, source=str(dataset.root), targets="label",
-                                 name=f"stanford-cars:{dataset.layout}", digest=dataset.digest())
+    with warnings.catch_warnings():  # schema hints about integer columns and ambiguous local sources: noise here
+        warnings.simplefilter("ignore", UserWarning)
+        ds = mlflow.data.from_pandas(table, source=str(dataset.root), targets="label",
+                                     name=f"stanford-cars-{context}",
+                                     digest=_rows_digest(table))
     mlflow.log_input(ds, context=context)
     mlflow.set_tags({"carsml.data_layout": dataset.layout, "carsml.data_digest": dataset.digest(),
                      "carsml.data_root": str(dataset.root), "carsml.num_classes": str(dataset.num_classes)})
+
+
+def _rows_digest(table: pd.DataFrame) -> str:
+    return hashlib.sha256(pd.util.hash_pandas_object(table, index=False).values.tobytes()).hexdigest()[:16]
 
 
 def log_figure(fig: Any, artifact_file: str) -> None:
