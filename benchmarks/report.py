@@ -1,0 +1,32 @@
+"""Write one benchmark's section of docs/performance.md (each script owns the text between its markers)."""
+
+from __future__ import annotations
+
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+PERFORMANCE_MD = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
+HEADER = "# Performance\n\nMeasured by the scripts in `benchmarks/` (medians of several runs; ratios, not absolute speeds).\n"
+
+
+def machine() -> str:
+    """A one-line description of where the numbers were measured."""
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {device}, torch {torch.__version__}"
+
+
+def write_section(name: str, body: str) -> Path:
+    """Replace (or append) the section `name` of docs/performance.md."""
+    text = PERFORMANCE_MD.read_text() if PERFORMANCE_MD.exists() else HEADER
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    if start in text:
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    PERFORMANCE_MD.parent.mkdir(parents=True, exist_ok=True)
+    PERFORMANCE_MD.write_text(text)
+    return PERFORMANCE_MD
