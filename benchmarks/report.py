@@ -9,13 +9,17 @@ from pathlib import Path
 import torch
 
 PERFORMANCE_MD = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
-HEADER = "# Performance\n\nMeasured by the scripts in `benchmarks/` (medians of several runs; ratios, not absolute speeds).\n"
+HEADER = (
+    "# Performance\n\n"
+    "Measured by the scripts in `benchmarks/` (medians of several runs; ratios, not absolute speeds).\n"
+)
 
 
 def machine() -> str:
     """A one-line description of where the numbers were measured."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {device}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {torch.get_num_threads()} torch threads, {device}, torch {torch.__version__}"
 
 
 def write_section(name: str, body: str) -> Path:

@@ -50,7 +50,7 @@ def _register(name: str, command_name: str, target: typer.Typer) -> None:
         kind = {int: int, float: float}.get(opt.type, str)
         metavar = {bool: "BOOL", int: "INT", float: "FLOAT"}.get(opt.type, "TEXT")
         params.append(inspect.Parameter(
-            key, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],  # noqa: UP007 - typer needs Optional
+            key, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],  # noqa: UP045 - runtime-built annotation
             default=typer.Option(None, f"--{key.replace('_', '-')}", show_default=False, metavar=metavar,
                                  help=f"{opt.help} [default: {opt.default!r}]"),
         ))

@@ -1,7 +1,7 @@
 """Generate the MLproject file from experiments/*.yaml, so each default is written once.
 
-`python -m carsml.mlproject` rewrites MLproject; a test fails when it is out of date. Every parameter is written into the
-entry point's command explicitly (Typer options are dashed; `mlflow run` substitutes `{name}`).
+`python -m carsml.mlproject` rewrites MLproject; a test fails when it is out of date. Every parameter is written
+into the entry point's command explicitly (Typer options are dashed; `mlflow run` substitutes `{name}`).
 """
 
 from __future__ import annotations

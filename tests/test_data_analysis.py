@@ -31,8 +31,9 @@ def test_real_annotations_reproduce_the_study_numbers(shared_data: Path) -> None
     m = run.data.metrics
     assert run.info.status == "FINISHED"
     assert (m["train_images"], m["test_images"], m["n_classes"]) == (8144, 8041, 196)
-    assert round(m["train_class_count_mean"], 2) == 41.55 and (m["train_class_count_min"], m["train_class_count_max"]) == (24, 68)
-    assert round(m["test_class_count_mean"], 2) == 41.03 and (m["test_class_count_min"], m["test_class_count_max"]) == (24, 68)
+    for split, mean in (("train", 41.55), ("test", 41.03)):
+        assert round(m[f"{split}_class_count_mean"], 2) == mean
+        assert (m[f"{split}_class_count_min"], m[f"{split}_class_count_max"]) == (24, 68)
     assert {"figures/class_distribution_train.png", "figures/class_distribution_test.png",
             "figures/box_sizes.png"} <= _artifacts(run.info.run_id, "figures")
     assert run.data.tags["carsml.data_layout"] == "annotations_only"

@@ -34,7 +34,9 @@ def kfold_splits(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray
         raise ConfigError(f"folds must be at least 2, got {k}")
     smallest = int(np.bincount(labels)[np.unique(labels)].min())
     if k > smallest:
-        raise ConfigError(f"folds={k} is larger than the smallest class ({smallest} training images); use folds <= {smallest}")
+        raise ConfigError(
+            f"folds={k} is larger than the smallest class ({smallest} training images); use folds <= {smallest}"
+        )
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     return [(np.sort(tr), np.sort(va)) for tr, va in splitter.split(np.zeros(len(labels)), labels)]
 

@@ -8,9 +8,8 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from carsml.data.images import open_rgb
+from carsml.data.images import open_rgb, read_header
 from carsml.data.table import SPLITS, Dataset
 from carsml.experiments.common import resolve_dataset
 from carsml.tracking import figures
@@ -45,12 +44,8 @@ def image_statistics(rows: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
     if limit and len(rows) > limit:
         rows = rows.sample(n=limit, random_state=seed)
 
-    def header(path: str) -> tuple[int, int, str]:
-        with Image.open(path) as img:
-            return img.width, img.height, img.mode
-
     with ThreadPoolExecutor() as pool:
-        headers = list(pool.map(header, rows["path"]))
+        headers = list(pool.map(read_header, rows["path"]))
     stats = rows[["fname", "split", "label", "x1", "y1", "x2", "y2"]].copy()
     stats["width"] = [h[0] for h in headers]
     stats["height"] = [h[1] for h in headers]

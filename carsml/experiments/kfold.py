@@ -20,7 +20,7 @@ from carsml.data.splits import kfold_splits, membership_table
 from carsml.engine.loader import ArrayData
 from carsml.errors import CarsmlError
 from carsml.experiments.common import cache_root, limit_classes, model_kwargs, resolve_dataset
-from carsml.experiments.train import decode, fit_and_log, log_confusion, train_config
+from carsml.experiments.train import decode, fit_and_log, train_config
 from carsml.models.factory import create_model
 from carsml.tracking import figures
 from carsml.tracking.runs import log_csv, log_dataset, log_figure, setup_tracking, start_run
@@ -52,8 +52,8 @@ def run(cfg: dict[str, Any]) -> pd.DataFrame:
             log_dataset(dataset, train_rows.table, "train")
             if test_rows is not None:
                 log_dataset(dataset, test_rows.table, "test")
-            log_csv(membership_table(train_rows.table["fname"], {f"val_fold{i}": va for i, (_, va) in enumerate(folds)}),
-                    "data/fold_membership.csv")
+            held_out = {f"val_fold{i}": va for i, (_, va) in enumerate(folds)}
+            log_csv(membership_table(train_rows.table["fname"], held_out), "data/fold_membership.csv")
         all_train = ArrayData(train_rows.images, train_rows.labels)
         test = ArrayData(test_rows.images, test_rows.labels) if test_rows is not None else None
         rows, histories, confusion = [], [], None
@@ -64,7 +64,8 @@ def run(cfg: dict[str, Any]) -> pd.DataFrame:
                              **{m: child.data.metrics.get(m, np.nan) for m in CV_METRICS}})
                 histories.append(_history_of(child.info.run_id))
                 continue
-            resume = child is not None and (Path(child.data.tags.get("carsml.checkpoint_dir", "")) / "last.pt").is_file()
+            ckpt_tag = child.data.tags.get("carsml.checkpoint_dir", "") if child is not None else ""
+            resume = bool(ckpt_tag) and (Path(ckpt_tag) / "last.pt").is_file()
             with start_run(cfg["entry_point"], cfg, run_name=f"{cfg['entry_point']}-fold{fold}", nested=True,
                            resume_run_id=child.info.run_id if resume else "",
                            tags={"carsml.fold": str(fold), "carsml.parent_run_id": parent.info.run_id,
@@ -81,7 +82,8 @@ def run(cfg: dict[str, Any]) -> pd.DataFrame:
             if trained.test is not None:
                 from sklearn.metrics import confusion_matrix
 
-                counts = confusion_matrix(trained.test.labels, trained.test.preds, labels=np.arange(dataset.num_classes))
+                counts = confusion_matrix(trained.test.labels, trained.test.preds,
+                                          labels=np.arange(dataset.num_classes))
                 confusion = counts if confusion is None else confusion + counts
         table = pd.DataFrame(rows)
         _log_summary(table, histories, cfg)

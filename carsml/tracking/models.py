@@ -1,9 +1,9 @@
 """Logging and loading carsml models.
 
 A trained network is saved as a *bundle* — `weights.pt` (state dict) and `model.json` (the factory config that rebuilds
-the architecture, class names, input size and normalisation, extras such as an added class) — and logged as an MLflow
-pyfunc LoggedModel (models-from-code, `pyfunc_model.py`) that carries the bundle. Later experiments load models by run id
-or `models:/` URI, never by a loose file path; `mlflow models serve` serves the same thing.
+the architecture, class names, input size and normalisation, extras such as an added class) — and logged as an
+MLflow pyfunc LoggedModel (models-from-code, `pyfunc_model.py`) that carries the bundle. Later experiments load models
+by run id or `models:/` URI, never by a loose file path; `mlflow models serve` serves the same thing.
 """
 
 from __future__ import annotations

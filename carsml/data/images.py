@@ -1,0 +1,209 @@
+"""Image decoding: open any image as RGB, crop it to a box, resize it; errors are DataErrors naming the file.
+
+Boxes are 0-based `(x1, y1, x2, y2)` with x2/y2 exclusive (a PIL crop box), in the coordinates of the image as
+displayed, i.e. after its EXIF orientation is applied. `image_size` reports sizes in the same frame, so boxes
+built from it (class_folders) and the crops made here agree.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from carsml.errors import ConfigError, DataError
+
+_ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the transpose that shows the image upright (as in PIL.ImageOps.exif_transpose).
+_ORIENTATION_OPS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPS_AXES = {5, 6, 7, 8}
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+# What PIL raises on damaged files besides OSError (bad PNG chunks, broken headers, zlib streams...).
+_DECODE_ERRORS = (
+    OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError,
+)
+
+
+class ImageHeader(NamedTuple):
+    """What the header of an image file says, without decoding the pixels."""
+
+    width: int  # after EXIF orientation
+    height: int
+    mode: str  # PIL mode of the stored pixels ("RGB", "L", "CMYK", ...)
+    format: str  # PIL format name ("JPEG", "PNG", ...)
+
+
+def _open_lazy(path: Path) -> Image.Image:
+    """Open the file and parse its header only; the caller closes the image."""
+    if not path.is_file():
+        raise DataError(f"Image file not found: {path}")
+    try:
+        return Image.open(path)
+    except UnidentifiedImageError as exc:
+        raise DataError(
+            f"{path}: not a recognised image file (expected JPEG, PNG, BMP, GIF, WebP or TIFF)"
+        ) from exc
+    except _DECODE_ERRORS as exc:
+        raise DataError(f"{path}: cannot read the image header ({exc})") from exc
+
+
+def _orientation(img: Image.Image) -> int:
+    """EXIF orientation 1..8; 1 when absent or unreadable. A broken EXIF block does not make the pixels
+    unusable, and image viewers ignore it the same way."""
+    try:
+        value = img.getexif().get(_ORIENTATION_TAG, 1)
+    except _DECODE_ERRORS:
+        return 1
+    return value if value in _ORIENTATION_OPS else 1
+
+
+def read_header(path: str | Path) -> ImageHeader:
+    """Size (EXIF orientation applied), mode and format of an image file without decoding its pixels."""
+    path = Path(path)
+    img = _open_lazy(path)
+    try:
+        width, height = img.size
+        if _orientation(img) in _SWAPS_AXES:
+            width, height = height, width
+        return ImageHeader(width, height, img.mode, img.format or "")
+    finally:
+        img.close()
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF orientation applied), from the header only."""
+    header = read_header(path)
+    return header.width, header.height
+
+
+def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
+    """16-bit (or 32-bit integer) gray -> 8-bit gray, scaling 0..65535 to 0..255. PIL's own convert clips
+    instead, which turns most 16-bit images white."""
+    values = np.asarray(img).astype(np.float64)
+    return Image.fromarray(np.rint(np.clip(values, 0, 65535) / 257.0).astype(np.uint8), mode="L")
+
+
+def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
+    """Any PIL mode -> RGB; transparency is composited on white (cut-out shots keep a clean background)."""
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img
+    if mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode == "I":
+        return _sixteen_bit_to_l(img).convert("RGB")
+    if mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.rint(np.clip(values, 0, 255)).astype(np.uint8), mode="L").convert("RGB")
+    try:
+        return img.convert("RGB")  # L, P, 1, CMYK, YCbCr, RGBX, ...
+    except ValueError as exc:
+        raise DataError(f"{path}: image mode {mode!r} cannot be converted to RGB") from exc
+
+
+def _decode(img: Image.Image, path: Path) -> Image.Image:
+    """Fully decode a lazily opened image, orient it upright and convert it to RGB."""
+    try:
+        img.load()  # the whole decode, so a truncated file fails here and not later in a worker
+        op = _ORIENTATION_OPS.get(_orientation(img))
+        oriented = img.transpose(op) if op is not None else img
+        return _to_rgb(oriented, path)
+    except DataError:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise DataError(f"{path}: corrupt or truncated image ({exc})") from exc
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Open an image as RGB.
+
+    Applies the EXIF orientation; converts L/LA/P/PA/RGBA/CMYK/I;16/I/F to RGB (alpha composited on white,
+    16-bit scaled to 8-bit). Raises DataError naming the file for missing, corrupt or truncated files.
+    """
+    path = Path(path)
+    img = _open_lazy(path)
+    try:
+        rgb = _decode(img, path)
+        # Detach the result from the file: close() below invalidates `img` itself when nothing was converted.
+        return rgb.copy() if rgb is img else rgb
+    finally:
+        img.close()
+
+
+def _grow_and_clip(
+    box: tuple[int, int, int, int], margin: float, width: int, height: int, where: str = ""
+) -> tuple[int, int, int, int]:
+    """Grow a 0-based exclusive box by `margin` of its size per side and clip it to a width x height image."""
+    prefix = f"{where}: " if where else ""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    if x2 <= x1 or y2 <= y1:
+        raise DataError(
+            f"{prefix}box {(x1, y1, x2, y2)} is empty; expected x1 < x2 and y1 < y2 (x2, y2 exclusive)"
+        )
+    if not margin >= 0:  # also rejects NaN
+        raise ConfigError(f"crop margin {margin} is invalid; expected a fraction >= 0 of the box size")
+    dx, dy = margin * (x2 - x1), margin * (y2 - y1)
+    gx1, gy1 = max(0, math.floor(x1 - dx)), max(0, math.floor(y1 - dy))
+    gx2, gy2 = min(width, math.ceil(x2 + dx)), min(height, math.ceil(y2 + dy))
+    if gx2 <= gx1 or gy2 <= gy1:
+        raise DataError(f"{prefix}box {(x1, y1, x2, y2)} lies outside the {width}x{height} image")
+    return gx1, gy1, gx2, gy2
+
+
+def crop_to_box(img: Image.Image, box: tuple[int, int, int, int], margin: float = 0.0) -> Image.Image:
+    """Crop to a 0-based (x1, y1, x2, y2 exclusive) box grown by `margin` (fraction of the box size per side),
+    clipped to the image (PIL alone would pad the outside with black)."""
+    return img.crop(_grow_and_clip(box, margin, img.width, img.height))
+
+
+def load_crop(
+    path: str | Path, box: tuple[int, int, int, int] | None, size: int, margin: float = 0.0
+) -> np.ndarray:
+    """Decode, RGB, crop to `box` (None = whole image), resize to size x size (bilinear, antialiased).
+
+    Returns uint8 HxWx3. JPEGs whose crop is at least twice `size` are decoded at a reduced DCT scale (PIL
+    draft: 1/2, 1/4 or 1/8) that keeps the crop's short side >= `size`; the box is rescaled to match.
+    """
+    if size < 1:
+        raise ConfigError(f"image size {size} is invalid; expected a positive number of pixels")
+    path = Path(path)
+    img = _open_lazy(path)
+    try:
+        width, height = img.size
+        if _orientation(img) in _SWAPS_AXES:
+            width, height = height, width
+        region = (0, 0, width, height)
+        if box is not None:
+            region = _grow_and_clip(box, margin, width, height, str(path))
+        short_side = min(region[2] - region[0], region[3] - region[1])
+        scale = 1.0
+        if img.format == "JPEG" and short_side >= 2 * size:
+            raw_w, raw_h = img.size
+            # A raw size at which the crop's short side is still >= size; draft picks the largest DCT
+            # reduction that keeps the image at least that big, the same factor on both axes.
+            wanted = (math.ceil(raw_w * size / short_side), math.ceil(raw_h * size / short_side))
+            drafted = img.draft(None, wanted)
+            if drafted is not None:
+                scale = raw_w / drafted[1][2]
+        rgb = _decode(img, path)
+        limits = (rgb.width, rgb.height, rgb.width, rgb.height)
+        scaled = tuple(min(v / scale, limit) for v, limit in zip(region, limits, strict=True))
+        out = rgb.resize((size, size), Image.Resampling.BILINEAR, box=scaled)
+    finally:
+        img.close()
+    return np.asarray(out, dtype=np.uint8)
