@@ -14,26 +14,19 @@ from rich.console import Console
 
 from carsml.config import entry_points, load_config, options
 from carsml.errors import CarsmlError
+from carsml.experiments import REGISTRY
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Dataset helpers: generate the synthetic dataset, analyse a dataset.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
-# entry point -> "module:function" taking the resolved config dict (imported lazily: torch is slow to import)
-RUNNERS = {
-    "data_analysis": "carsml.experiments.data_analysis:run",
-    "baseline": "carsml.experiments.train:run",
-    "improved": "carsml.experiments.train:run",
-    "kfold_baseline": "carsml.experiments.kfold:run",
-    "kfold_improved": "carsml.experiments.kfold:run",
-}
 
 
 def run_experiment(name: str, overrides: dict[str, Any] | None = None) -> Any:
     """Resolve the config of experiment `name` and run it (the Python API behind every command)."""
     cfg = load_config(name, overrides)
-    module, func = RUNNERS[name].split(":")
+    module, func = REGISTRY[name][1].split(":")
     return getattr(importlib.import_module(module), func)(cfg)
 
 
@@ -67,10 +60,9 @@ def _register(name: str, command_name: str, target: typer.Typer) -> None:
     target.command(command_name)(command)
 
 
-for _name in RUNNERS:
-    if _name in entry_points():
-        _register(_name, _name.replace("_", "-"), app)
-_register("data_analysis", "analyze", data_app)
+for _name, (_command, _) in REGISTRY.items():
+    if _name in entry_points():  # an entry point exists once its defaults file does
+        _register(_name, _command.split()[-1], data_app if _command.startswith("data ") else app)
 
 
 @data_app.command("synth")

@@ -9,16 +9,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from carsml.config import options
+from carsml.config import entry_points, options
+from carsml.experiments import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = {  # entry point -> carsml CLI command
-    "data_analysis": "data analyze",
-    "baseline": "baseline",
-    "kfold_baseline": "kfold-baseline",
-    "improved": "improved",
-    "kfold_improved": "kfold-improved",
-}
+
+
+def entry_point_commands() -> dict[str, str]:
+    """Entry point -> carsml CLI command, for every registered entry point that has a defaults file."""
+    return {name: command for name, (command, _) in REGISTRY.items() if name in entry_points()}
 
 
 def _yaml_scalar(value: object) -> str:
@@ -39,7 +38,7 @@ def render() -> str:
         "",
         "entry_points:",
     ]
-    for entry, command in ENTRY_POINTS.items():
+    for entry, command in entry_point_commands().items():
         opts = options(entry)
         lines += [f"  {entry}:", "    parameters:"]
         for key, opt in opts.items():

@@ -59,7 +59,9 @@ def test_parse_assignments() -> None:
 def test_mlproject_is_generated_from_the_yaml_defaults() -> None:
     assert (REPO / "MLproject").read_text() == mlproject.render(), "run `python -m carsml.mlproject`"
     spec = yaml.safe_load((REPO / "MLproject").read_text())
-    for entry, command in mlproject.ENTRY_POINTS.items():
+    commands = mlproject.entry_point_commands()
+    assert set(commands) == set(entry_points())  # every defaults file is an entry point
+    for entry, command in commands.items():
         point = spec["entry_points"][entry]
         assert set(point["parameters"]) == set(options(entry))
         for key in options(entry):  # every parameter is passed explicitly, dashed for Typer
