@@ -1,0 +1,185 @@
+"""The engine reports through callbacks (the MLflow tracking layer, progress bars and optuna pruning plug in
+here), so the engine itself never imports a tracking library.
+
+Epochs are numbered from 1. Per epoch `fit` computes the metrics, writes the checkpoint (which already holds
+this epoch), then calls `on_epoch_end` — so a callback that raises (e.g. `optuna.TrialPruned`) stops the fit
+with the epoch safely recorded, and the exception reaches the caller unchanged.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
+    from carsml.engine.train import FitResult, TrainConfig
+
+
+@dataclass
+class FitState:
+    """What a fit is about to do (given to `Callback.on_fit_start`)."""
+
+    cfg: TrainConfig
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    num_classes: int
+    num_train: int
+    num_val: int
+    num_test: int  # 0 without a test set
+    steps_per_epoch: int
+    start_epoch: int  # 1 for a fresh fit; the first epoch still to run when resuming
+    resumed: bool
+
+
+class Callback:
+    """Hooks called by `fit`; every method is a no-op by default. Exceptions raised by a hook propagate."""
+
+    def on_fit_start(self, state: FitState) -> None:
+        """Before the first epoch (after the model, optimizer and any checkpoint are set up)."""
+
+    def on_resume(self, history: list[dict[str, float]]) -> None:
+        """When resuming: the epochs already done, read from the checkpoint (each dict has an "epoch" key), so
+        a tracker can back-fill any epoch it has not logged and log every epoch exactly once."""
+
+    def on_batch_end(
+        self, epoch: int, step: int, num_steps: int, loss: float, images_per_second: float
+    ) -> None:
+        """Every `TrainConfig.log_every_steps` training steps and after the last one (1-based `step`); `loss`
+        is the mean training loss over the steps since the previous call."""
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        """After epoch `epoch` (1-based) is evaluated and checkpointed. Keys: train_loss train_acc val_loss
+        val_acc [test_loss test_acc] lr [lr_head] epoch_seconds images_per_second."""
+
+    def on_fit_end(self, result: FitResult) -> None:
+        """After the last epoch (or early stop); the model already holds the best weights."""
+
+    def on_fit_error(self, error: BaseException) -> None:
+        """When the fit is ending with an exception (from training or from a callback), before it propagates;
+        e.g. close progress bars or mark a tracked run as failed. Must not raise."""
+
+
+class CallbackList:
+    """Dispatch each hook to several callbacks in order."""
+
+    def __init__(self, callbacks: Sequence[Callback]) -> None:
+        self.callbacks = list(callbacks)
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("on_"):
+            raise AttributeError(name)
+
+        def call(*args: Any) -> None:
+            for cb in self.callbacks:
+                getattr(cb, name)(*args)
+
+        return call
+
+    def fit_error(self, error: BaseException) -> None:
+        """Call `on_fit_error` on every callback; a failing handler only warns, so the original error wins."""
+        for cb in self.callbacks:
+            try:
+                cb.on_fit_error(error)
+            except Exception as handler_error:  # the fit's own error must propagate, not this one
+                warnings.warn(
+                    f"{type(cb).__name__}.on_fit_error raised {handler_error!r} while handling {error!r}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+
+
+def format_epoch(epoch: int, total: int, metrics: dict[str, float]) -> str:
+    """One-line summary of an epoch's metrics."""
+    parts = [
+        f"epoch {epoch}/{total}",
+        f"train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.4f}",
+    ]
+    parts.append(f"val loss {metrics['val_loss']:.4f} acc {metrics['val_acc']:.4f}")
+    if "test_acc" in metrics:
+        parts.append(f"test loss {metrics['test_loss']:.4f} acc {metrics['test_acc']:.4f}")
+    parts.append(f"lr {metrics['lr']:.3g}")
+    parts.append(f"{metrics['epoch_seconds']:.1f}s {metrics['images_per_second']:.0f} img/s")
+    return " | ".join(parts)
+
+
+class RichProgress(Callback):
+    """A rich progress bar per epoch (steps, loss, images/s) on a terminal, and one summary line per epoch.
+
+    When the output is not a terminal (CI logs, files) only the summary lines are printed.
+    """
+
+    def __init__(self, console: Console | None = None) -> None:
+        from rich.console import Console
+
+        self.console = console if console is not None else Console(file=sys.stdout)
+        self.total_epochs = 0
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        self._epoch = 0
+
+    @property
+    def interactive(self) -> bool:
+        return bool(self.console.is_terminal)
+
+    def on_fit_start(self, state: FitState) -> None:
+        self.total_epochs = state.cfg.epochs
+        if state.resumed:
+            self.console.print(f"resuming at epoch {state.start_epoch}/{state.cfg.epochs}")
+
+    def _start_bar(self, epoch: int, num_steps: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._stop_bar()
+        self._progress = Progress(
+            TextColumn(f"epoch {epoch}/{self.total_epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[ips]:.0f} img/s"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,  # the bar disappears; the epoch's summary line replaces it
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=num_steps, loss=float("nan"), ips=0.0)
+        self._epoch = epoch
+
+    def _stop_bar(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        self._progress, self._task = None, None
+
+    def on_batch_end(
+        self, epoch: int, step: int, num_steps: int, loss: float, images_per_second: float
+    ) -> None:
+        if not self.interactive:
+            return
+        if self._progress is None or epoch != self._epoch:
+            self._start_bar(epoch, num_steps)
+        assert self._progress is not None and self._task is not None
+        self._progress.update(self._task, completed=step, loss=loss, ips=images_per_second)
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        self._stop_bar()
+        self.console.print(format_epoch(epoch, self.total_epochs, metrics), highlight=False, soft_wrap=True)
+
+    def on_fit_end(self, result: FitResult) -> None:
+        self._stop_bar()
+        stop = " (stopped early)" if result.stopped_early else ""
+        self.console.print(
+            f"best epoch {result.best_epoch}: val acc {result.best_val_acc:.4f} "
+            f"loss {result.best_val_loss:.4f}{stop}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    def on_fit_error(self, error: BaseException) -> None:
+        self._stop_bar()
