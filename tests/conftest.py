@@ -39,3 +39,36 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real Stanford Cars annotations not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def trained_store(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str, str]:
+    """A session-wide tracking store holding one tiny trained `improved` run (trained once, shared by the tests that
+    analyse a trained model). Returns {"uri", "run_id", "cwd"}."""
+    import mlflow
+
+    from carsml.cli import run_experiment
+
+    folder = tmp_path_factory.mktemp("trained-store")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CARSML_CACHE", str(cache_dir))
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mp.chdir(folder)
+        trained = run_experiment("improved", {**TRAINED_RUN, "device": "cpu"})
+        run_id = mlflow.last_active_run().info.run_id
+    assert trained.model_uri
+    return {"uri": uri, "run_id": run_id, "cwd": str(folder)}
+
+
+# the shared trained run: 6 classes, 32 px, small head; enough epochs to be well above chance
+TRAINED_RUN = {"synth_classes": 6, "synth_images_per_class": 40, "image_size": 32, "head_widths": "128,64",
+               "epochs": 10, "batch_size": 16, "lr": 0.001}
+
+
+@pytest.fixture
+def trained_run(trained_store: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run id of the shared trained `improved` run; the test's tracking URI points at its store."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained_store["uri"])
+    return trained_store["run_id"]

@@ -114,7 +114,7 @@ def log_dataset(dataset: Dataset, rows: pd.DataFrame, context: str) -> None:
         ds = mlflow.data.from_pandas(table, source=str(dataset.root), targets="label",
                                      name=f"stanford-cars-{context}",
                                      digest=_rows_digest(table))
-    mlflow.log_input(ds, context=context)
+        mlflow.log_input(ds, context=context)
     mlflow.set_tags({"carsml.data_layout": dataset.layout, "carsml.data_digest": dataset.digest(),
                      "carsml.data_root": str(dataset.root), "carsml.num_classes": str(dataset.num_classes)})
 
