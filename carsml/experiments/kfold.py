@@ -20,7 +20,7 @@ from carsml.data.splits import kfold_splits, membership_table
 from carsml.engine.loader import ArrayData
 from carsml.errors import CarsmlError
 from carsml.experiments.common import cache_root, limit_classes, model_kwargs, resolve_dataset
-from carsml.experiments.train import decode, fit_and_log, train_config
+from carsml.experiments.train import decode, epoch_key, fit_and_log, train_config
 from carsml.models.factory import create_model
 from carsml.tracking import figures
 from carsml.tracking.runs import log_csv, log_dataset, log_figure, setup_tracking, start_run
@@ -43,6 +43,7 @@ def run(cfg: dict[str, Any]) -> pd.DataFrame:
     k = cfg["folds"]
     dataset = limit_classes(resolve_dataset(cfg), cfg["max_classes"])
     create_model(cfg["model"], dataset.num_classes, cfg["image_size"], **model_kwargs(cfg))  # validate options
+    kfold_splits(dataset.split("train")["label"].to_numpy(), k, cfg["seed"])  # validate k before a run exists
     previous = _finished_folds(cfg["resume_run_id"]) if cfg["resume_run_id"] else {}
     with start_run(cfg["entry_point"], cfg, run_name=f"{cfg['entry_point']}-{cfg['model']}",
                    resume_run_id=cfg["resume_run_id"]) as parent:
@@ -97,7 +98,7 @@ def _history_of(run_id: str) -> pd.DataFrame:
     client = MlflowClient()
     data: dict[int, dict[str, float]] = {}
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
-        for m in client.get_metric_history(run_id, key):
+        for m in client.get_metric_history(run_id, epoch_key(key)):
             data.setdefault(m.step, {"epoch": m.step})[key] = m.value
     return pd.DataFrame(sorted(data.values(), key=lambda r: r["epoch"]))
 

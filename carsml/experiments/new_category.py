@@ -1,0 +1,396 @@
+"""Study row 9 — add a class (BIG_TRUCKS) from a folder of images and train a model with one more output.
+
+The folder's images are split (seeded) into train / validation / test alongside the source model's data (same
+validation fraction; `test_fraction` of them become the new class's test set, as it has no official one). Training
+goes through the shared `fit_and_log` (curves, confusion matrix, logged model) either
+
+* `mode=scratch` — the study: the source run's architecture and training settings, fresh weights; or
+* `mode=warmstart` — the trained source model with its classifier grown by one row (old rows copied, the new one
+  imprinted from the mean feature of the new class's training images, or the mean of the old rows), then a short
+  fine-tune (fewer epochs, a tenth of the learning rate for everything but the classifier).
+
+The run logs the new class's accuracy / precision / recall and confusions (both directions), and the old classes'
+test accuracy against the source model's on the same images (`forgetting`). The logged model's class names end with
+the new class, so serving reports it; its bundle records how to rebuild the extended data, so `errors` and `tta`
+analyse it like any other model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from carsml.config import load_config
+from carsml.data.cache import DecodedImages, build_cache
+from carsml.data.images import read_header
+from carsml.data.readers import IMAGE_EXTENSIONS
+from carsml.data.splits import membership_table
+from carsml.data.synthetic import ensure_synthetic
+from carsml.data.table import make_table
+from carsml.engine.evaluate import EvalResult, eval_mode, evaluate
+from carsml.engine.loader import ArrayData, iterate_batches
+from carsml.errors import CarsmlError, ConfigError, DataError
+from carsml.experiments.common import cache_root
+from carsml.experiments.errors import (
+    DataPlan,
+    Source,
+    Splits,
+    check_choice,
+    decode_splits,
+    eval_transform,
+    load_source,
+    plan_data,
+    require_split,
+)
+from carsml.models.factory import create_model
+from carsml.tracking.runs import log_csv, log_dataset, setup_tracking, start_run
+
+MODES = ("scratch", "warmstart")
+INITS = ("imprint", "mean")
+WARMSTART_EPOCHS = 5  # the default fine-tune length (never more than the source run trained)
+WARMSTART_LR_FACTOR = 0.1  # backbone lr = source lr x this; the classifier keeps the source lr
+SYNTHETIC_EXTRA = "BIG_TRUCKS"  # the folder the synthetic generator writes next to the dataset
+
+
+# ======================================================================================= the new class's data
+
+
+@dataclass
+class NewClass:
+    """An added class: its images (whole-image boxes), their train / val / test roles, and how they were chosen."""
+
+    class_name: str
+    folder: Path
+    label: int
+    table: pd.DataFrame  # dataset-table columns + role (train | val | test), one row per image
+    spec: dict[str, Any]  # what the bundle records to rebuild it: class_name, folder, test_fraction, seed
+
+    def count(self, role: str) -> int:
+        return int((self.table["role"] == role).sum())
+
+
+def default_folder(data_cfg: dict[str, Any]) -> Path:
+    """The synthetic BIG_TRUCKS folder next to the synthetic dataset (data=synthetic only)."""
+    if data_cfg["data"] != "synthetic":
+        raise ConfigError("folder: required when data is not 'synthetic' — the folder of images of the new class "
+                          "(e.g. -P folder=/data/big_trucks)")
+    root = ensure_synthetic(cache_root(data_cfg) / "synthetic", num_classes=data_cfg["synth_classes"],
+                            images_per_class=data_cfg["synth_images_per_class"], seed=data_cfg["synth_seed"])
+    return root.parent / SYNTHETIC_EXTRA
+
+
+def _list_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"folder={str(folder)!r}: no such folder; expected a folder of images of the new class")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise DataError(f"folder={str(folder)!r} is empty; expected images of the new class "
+                        f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not images:
+        shown = ", ".join(p.name for p in files[:5]) + (", ..." if len(files) > 5 else "")
+        raise DataError(f"folder={str(folder)!r} holds no images: {len(files)} file(s) ({shown}); expected "
+                        f"{', '.join(sorted(IMAGE_EXTENSIONS))}")
+    return images
+
+
+def _sizes(images: list[Path], skip_unreadable: bool) -> tuple[list[Path], list[tuple[int, int]]]:
+    """Header sizes of the images (cheap); unreadable files fail here, before any run, unless skipped."""
+    kept, sizes, failures = [], [], []
+    for path in images:
+        try:
+            header = read_header(path)
+        except DataError as exc:
+            failures.append(str(exc))
+            continue
+        kept.append(path)
+        sizes.append((header.width, header.height))
+    if failures and not skip_unreadable:
+        shown = "\n  ".join(failures[:5])
+        raise DataError(f"{len(failures)} file(s) of the new class are not readable images (pass "
+                        f"skip_unreadable=true to leave them out):\n  {shown}")
+    return kept, sizes
+
+
+def split_counts(n: int, test_fraction: float, val_fraction: float, folder: Path) -> tuple[int, int, int]:
+    """(train, val, test) image counts for n images: at least one of each."""
+    n_test = max(1, round(n * test_fraction))
+    n_val = max(1, round((n - n_test) * val_fraction))
+    n_train = n - n_test - n_val
+    if n_train < 1:
+        raise DataError(f"folder={str(folder)!r} has {n} usable image(s); the new class needs at least one "
+                        f"training, one validation and one test image (test_fraction={test_fraction}, "
+                        f"val_fraction={val_fraction}): add images (3 at the very least)")
+    return n_train, n_val, n_test
+
+
+def plan_new_class(spec: dict[str, Any], data_cfg: dict[str, Any], existing: list[str]) -> NewClass:
+    """Check and split a new class's folder (headers only, nothing decoded): raises before any run on bad input."""
+    name = str(spec["class_name"]).strip()
+    if not name:
+        raise ConfigError("class_name: expected the name of the new class (e.g. BIG_TRUCKS); got an empty string")
+    if name in existing:
+        raise ConfigError(f"class_name={name!r} already exists (class id {existing.index(name)} of the source "
+                          f"model's {len(existing)} classes); choose a new name")
+    test_fraction = float(spec["test_fraction"])
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigError(f"test_fraction: expected a fraction in (0, 1); got {spec['test_fraction']!r}")
+    folder = Path(spec["folder"]).expanduser().resolve() if spec["folder"] else default_folder(data_cfg)
+    images, sizes = _sizes(_list_images(folder), bool(data_cfg["skip_unreadable"]))
+    n_train, n_val, n_test = split_counts(len(images), test_fraction, float(data_cfg["val_fraction"]), folder)
+    order = np.random.default_rng(int(spec["seed"])).permutation(len(images))
+    roles = np.empty(len(images), dtype=object)
+    roles[order[:n_test]] = "test"
+    roles[order[n_test:n_test + n_val]] = "val"
+    roles[order[n_test + n_val:]] = "train"
+    label = len(existing)
+    table = make_table([{"path": str(p), "label": label, "class_name": name, "x1": 0, "y1": 0, "x2": w, "y2": h,
+                         "split": "test" if r == "test" else "train", "fname": p.name}
+                        for p, (w, h), r in zip(images, sizes, roles, strict=True)])
+    table["role"] = roles
+    return NewClass(name, folder, label, table, {"class_name": name, "folder": str(spec["folder"]),
+                                                 "test_fraction": test_fraction, "seed": int(spec["seed"])})
+
+
+def _decode_new(new: NewClass, data_cfg: dict[str, Any]) -> DecodedImages:
+    # whole images (the boxes are the whole image anyway), resized like every other image: what serving sees too
+    return build_cache(new.table, int(data_cfg["image_size"]), cache_dir=cache_root(data_cfg), use_boxes=False,
+                       margin=0.0, skip_unreadable=bool(data_cfg["skip_unreadable"]))
+
+
+def combine(plan: DataPlan, train_rows: DecodedImages, test_rows: DecodedImages | None, train_idx: np.ndarray,
+            val_idx: np.ndarray) -> Splits:
+    """The dataset's splits plus every added class's images, as one in-memory array viewed per split."""
+    parts: list[np.ndarray] = [np.asarray(train_rows.images)]
+    labels: list[np.ndarray] = [train_rows.labels]
+    tables: list[pd.DataFrame] = [train_rows.table.assign(role="")]
+    roles = {"train": [np.asarray(train_idx)], "val": [np.asarray(val_idx)], "test": []}
+    offset = len(train_rows.labels)
+    if test_rows is not None:
+        parts.append(np.asarray(test_rows.images))
+        labels.append(test_rows.labels)
+        tables.append(test_rows.table.assign(role="test"))
+        roles["test"].append(offset + np.arange(len(test_rows.labels)))
+        offset += len(test_rows.labels)
+    for new in plan.added:
+        decoded = _decode_new(new, plan.cfg)
+        parts.append(np.asarray(decoded.images))
+        labels.append(decoded.labels)
+        tables.append(decoded.table)
+        for role in roles:
+            roles[role].append(offset + np.flatnonzero(decoded.table["role"].to_numpy() == role))
+        offset += len(decoded.labels)
+    data = ArrayData(np.concatenate(parts), np.concatenate(labels))
+    table = pd.concat(tables, ignore_index=True)
+    index = {role: np.concatenate(chunks) if chunks else np.zeros(0, np.int64) for role, chunks in roles.items()}
+    views = {role: data.subset(idx) for role, idx in index.items()}
+    split_tables = {role: table.iloc[idx].reset_index(drop=True) for role, idx in index.items()}
+    return Splits(views["train"], views["val"], views["test"] if len(index["test"]) else None, split_tables)
+
+
+# ======================================================================================= the model
+
+
+def last_linear(module: nn.Module) -> nn.Linear | None:
+    """The classifier's final linear layer (the classifier itself, or its last Linear)."""
+    if isinstance(module, nn.Linear):
+        return module
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def check_growable(model: nn.Module, num_classes: int) -> None:
+    """warmstart needs a linear classifier with one row per class."""
+    layer = last_linear(model.get_classifier())
+    if layer is None or layer.out_features != num_classes:
+        raise ConfigError(f"mode=warmstart: cannot grow the classifier of {type(model).__name__} "
+                          f"({type(model.get_classifier()).__name__}); use mode=scratch")
+
+
+def grow_classifier(model: nn.Module, new_weight: torch.Tensor, new_bias: float) -> nn.Module:
+    """Add one output: reset the classifier to n + 1 outputs, copy the n old rows, set the new row."""
+    old = last_linear(model.get_classifier())
+    weight = old.weight.detach().clone()
+    bias = old.bias.detach().clone() if old.bias is not None else None
+    n = weight.shape[0]
+    model.reset_classifier(n + 1)
+    fresh = last_linear(model.get_classifier())
+    if fresh is None or tuple(fresh.weight.shape) != (n + 1, weight.shape[1]):
+        raise CarsmlError(f"reset_classifier({n + 1}) on {type(model).__name__} did not give a {n + 1}-row linear "
+                          f"classifier; use mode=scratch")
+    with torch.no_grad():
+        fresh.weight[:n] = weight
+        fresh.weight[n] = new_weight.to(fresh.weight)
+        if fresh.bias is not None:
+            fresh.bias[:n] = bias if bias is not None else 0.0
+            fresh.bias[n] = new_bias
+    return model
+
+
+def _mean_feature(model: nn.Module, data: ArrayData, info: dict[str, Any]) -> torch.Tensor:
+    """Mean pre-logits feature of `data` (eval mode, CPU)."""
+    transform = eval_transform(info)
+    total, count = None, 0
+    with eval_mode(model), torch.no_grad():
+        for x, _ in iterate_batches(data, 64, shuffle=False, generator=None, device="cpu"):
+            features = model.forward_head(model.forward_features(transform(x, train=False)), pre_logits=True)
+            features = features.float().flatten(1)
+            total = features.sum(0) if total is None else total + features.sum(0)
+            count += features.shape[0]
+    return total / max(count, 1)
+
+
+def warmstart_model(source: Source, new_train: ArrayData, init: str) -> nn.Module:
+    """The source model with one more output: old rows kept, the new row imprinted or the mean of the old rows."""
+    model = source.model.cpu().float()
+    old = last_linear(model.get_classifier())
+    weight = old.weight.detach()
+    bias = float(old.bias.detach().mean()) if old.bias is not None else 0.0
+    if init == "imprint":
+        # weight imprinting: the new class's mean feature, scaled like an average old row
+        feature = _mean_feature(model, new_train, source.info)
+        row = feature / feature.norm().clamp_min(1e-12) * weight.norm(dim=1).mean()
+    else:
+        row = weight.mean(dim=0)
+    return grow_classifier(model, row, bias)
+
+
+def scratch_model(source: Source, num_classes: int) -> nn.Module:
+    """The source architecture with `num_classes` outputs and fresh weights (pretrained ones if the source was)."""
+    config = {**source.info["model_config"], "num_classes": num_classes}
+    if source.cfg.get("pretrained"):
+        config["pretrained"] = True
+    return create_model(**config)
+
+
+# ======================================================================================= training settings
+
+
+def training_config(source: Source, cfg: dict[str, Any], mode: str) -> dict[str, Any]:
+    """The config fit_and_log trains with: the source's training settings, then this run's choices."""
+    base = load_config("baseline")  # every training key exists, even for a source that records fewer
+    settings = {**base, **{k: v for k, v in source.cfg.items() if k in base}}
+    settings["model"] = str(source.info["model_config"]["name"])
+    source_lr = float(settings["lr"])
+    warm = mode == "warmstart"
+    epochs = int(cfg["epochs"]) or (min(WARMSTART_EPOCHS, int(settings["epochs"])) if warm else int(settings["epochs"]))
+    lr = float(cfg["lr"]) or (source_lr * WARMSTART_LR_FACTOR if warm else source_lr)
+    head_lr = float(cfg["head_lr"]) or (source_lr if warm else float(source.cfg.get("head_lr", 0.0) or 0.0))
+    settings.update(entry_point=cfg["entry_point"], epochs=epochs, lr=lr, head_lr=head_lr, device=cfg["device"],
+                    batch_size=int(cfg["batch_size"]) or int(settings["batch_size"]), log_model=True,
+                    resume_run_id="", seed=int(cfg["seed"]) if int(cfg["seed"]) >= 0 else int(settings["seed"]))
+    if "freeze_backbone_epochs" in source.cfg:
+        settings["freeze_backbone_epochs"] = source.cfg["freeze_backbone_epochs"]
+    return settings
+
+
+def _check_numbers(cfg: dict[str, Any]) -> None:
+    for key in ("epochs", "lr", "head_lr", "batch_size"):
+        if float(cfg[key]) < 0:
+            raise ConfigError(f"Option {key!r}: expected a number >= 0 (0 = the default for the mode); "
+                              f"got {cfg[key]!r}")
+
+
+# ======================================================================================= the entry point
+
+
+@dataclass
+class NewCategoryResult:
+    """What new_category produced (also returned to Python callers)."""
+
+    run_id: str
+    model_uri: str | None
+    class_names: list[str]
+    metrics: dict[str, float]
+    confusions: pd.DataFrame
+    new_class: NewClass
+
+
+def run(cfg: dict[str, Any]) -> NewCategoryResult:
+    """Add the folder's class to the model `cfg["run_id"]` and train (from scratch or warm-started)."""
+    from carsml.experiments.train import fit_and_log, train_config
+
+    setup_tracking()
+    mode = check_choice(cfg, "mode", MODES)
+    init = check_choice(cfg, "init", INITS)
+    _check_numbers(cfg)
+    source = load_source(cfg["run_id"])
+    base = plan_data(source, cfg)
+    require_split(base, "test")
+    settings = training_config(source, cfg, mode)
+    settings["image_size"] = int(base.cfg["image_size"])
+    train_config(settings)  # validate before any run exists
+    spec = {"class_name": cfg["class_name"], "folder": cfg["folder"], "test_fraction": cfg["test_fraction"],
+            "seed": settings["seed"]}
+    new = plan_new_class(spec, base.cfg, base.class_names)
+    if mode == "warmstart":
+        check_growable(source.model, len(base.class_names))
+    plan = DataPlan(base.cfg, base.dataset, [*base.class_names, new.class_name], [*base.added, new])
+    with start_run(cfg["entry_point"], cfg, run_name=f"new_category-{mode}-{new.class_name}",
+                   tags={**source.tags(), "carsml.new_class": new.class_name, "carsml.mode": mode}) as active:
+        mlflow.log_params({"new_class_folder": str(new.folder), "effective_epochs": settings["epochs"],
+                           "effective_lr": settings["lr"], "effective_head_lr": settings["head_lr"],
+                           "effective_batch_size": settings["batch_size"], "effective_seed": settings["seed"]})
+        splits = decode_splits(plan)
+        log_csv(membership_table(new.table["fname"], {r: np.flatnonzero(new.table["role"] == r)
+                                                      for r in ("train", "val", "test")}), "data/new_class_split.csv")
+        for role in ("train", "test"):
+            log_dataset(base.dataset, splits.tables[role], role)
+        old_label = len(base.class_names)
+        source_result = _evaluate_old(source, splits.test, old_label, settings)
+        new_train = splits.train.subset(np.flatnonzero(splits.train.targets == old_label))
+        model = warmstart_model(source, new_train, init) if mode == "warmstart" else \
+            scratch_model(source, len(plan.class_names))
+        checkpoint_dir = cache_root(plan.cfg) / "checkpoints" / active.info.run_id
+        info_extra = {"data_cfg": plan.cfg, "added_classes": [a.spec for a in plan.added],
+                      "train_cfg": settings, "base_model_uri": source.model_uri, "mode": mode}
+        trained = fit_and_log(settings, model, plan.class_names, splits.train, splits.val, splits.test,
+                              checkpoint_dir=checkpoint_dir, info_extra=info_extra)
+        metrics, confusions = new_class_metrics(trained.test, plan.class_names, source_result)
+        metrics.update({f"new_class_{role}_images": float(new.count(role)) for role in ("train", "val", "test")})
+        mlflow.log_metrics(metrics)
+        log_csv(confusions, "tables/new_class_confusions.csv", as_table=True)
+        return NewCategoryResult(active.info.run_id, trained.model_uri, plan.class_names, metrics, confusions, new)
+
+
+def _evaluate_old(source: Source, test: ArrayData, new_label: int, settings: dict[str, Any]) -> EvalResult:
+    """The source model on the old classes' test images (the baseline for forgetting)."""
+    old = test.subset(np.flatnonzero(test.targets < new_label))
+    return evaluate(source.model, old, eval_transform(source.info), batch_size=int(settings["batch_size"]),
+                    device=settings["device"], amp=settings["amp"], channels_last=bool(settings["channels_last"]))
+
+
+def new_class_metrics(result: EvalResult, class_names: list[str],
+                      source_old: EvalResult) -> tuple[dict[str, float], pd.DataFrame]:
+    """New-class accuracy / precision / recall, old-class accuracy against the source's, and the new class's
+    confusions in both directions (its images taken for old classes, old images taken for it)."""
+    new = len(class_names) - 1
+    labels, preds = result.labels, result.preds
+    is_new, said_new = labels == new, preds == new
+    hits = float((is_new & said_new).sum())
+    recall = hits / max(is_new.sum(), 1)
+    precision = hits / said_new.sum() if said_new.any() else 0.0
+    old = ~is_new
+    old_acc = float((preds[old] == labels[old]).mean())
+    metrics = {"new_class_acc": recall, "new_class_recall": recall, "new_class_precision": precision,
+               "new_class_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+               "new_class_false_negatives": float((is_new & ~said_new).sum()),
+               "new_class_false_positives": float((old & said_new).sum()),
+               "old_class_acc": old_acc, "old_class_acc_source": source_old.acc,
+               "forgetting": source_old.acc - old_acc}
+    rows = []
+    for cls, count in zip(*np.unique(preds[is_new & ~said_new], return_counts=True), strict=True):
+        rows.append({"direction": f"{class_names[new]} taken for", "class_id": int(cls),
+                     "class_name": class_names[cls], "count": int(count)})
+    for cls, count in zip(*np.unique(labels[old & said_new], return_counts=True), strict=True):
+        rows.append({"direction": f"taken for {class_names[new]}", "class_id": int(cls),
+                     "class_name": class_names[cls], "count": int(count)})
+    table = pd.DataFrame(rows, columns=["direction", "class_id", "class_name", "count"])
+    return metrics, table.sort_values(["direction", "count"], ascending=[True, False], kind="stable")

@@ -1,0 +1,235 @@
+"""Study row 8 — test-time augmentation (TTA): N augmented views per test image, aggregated into one prediction.
+
+Policies: `light` (default) — view 0 is the plain image, view 1 its mirror image, the others random mirror + zoom-in
+crop (90-100 % of the side) at a random position, never leaving the image; `study` — the training augmentation (flip,
+±15° rotation, brightness / contrast jitter), as the study did. Aggregations: `mean` (average of the softmax, default)
+and `vote` (majority of the views' top-1, as the study; ties go to the higher mean probability). Both are always
+logged (`test_acc_tta_mean`, `test_acc_tta_vote`) next to `test_acc_no_tta`; `aggregation` picks the headline
+`test_acc_tta` / `tta_delta` and the per-image table.
+
+The views of several images go through the network in one batch (`batch_size` views per forward pass); each image
+draws its own random view parameters from one seeded generator, so a run is reproducible.
+
+The study's TTA lowered accuracy (45 % -> 20 %): 25 strongly augmented views with majority voting. Anchoring the mean
+on the plain view with mild views is what keeps TTA from hurting (see docs/analysis.md for measured numbers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from carsml.data.transforms import build_transform, view_transform
+from carsml.engine.device import autocast_dtype, resolve_device
+from carsml.engine.evaluate import autocast_context, eval_mode, evaluate
+from carsml.engine.loader import ArrayData, iterate_batches
+from carsml.experiments.errors import (
+    calibration,
+    check_choice,
+    check_positive,
+    decode_splits,
+    load_source,
+    plan_data,
+    require_split,
+)
+from carsml.tracking import figures
+from carsml.tracking.runs import log_csv, log_dataset, log_figure, setup_tracking, start_run
+
+POLICIES = ("light", "study")
+AGGREGATIONS = ("mean", "vote")
+LIGHT_MIN_SCALE = 0.9  # light policy: crops keep at least 90 % of the side (shifts of at most 5 % each way)
+
+ViewMaker = Callable[[Tensor, int, torch.Generator], Tensor]
+
+
+class LightViews:
+    """The `light` TTA policy on uint8 N×C×H×W batches (carsml.data.transforms has no such policy).
+
+    `views(x, n_views, generator)` -> float (n_views, N, C, H, W), normalised: view 0 the plain image, view 1 its
+    mirror image, further views a per-image random mirror and zoom-in crop (side in [LIGHT_MIN_SCALE, 1]) placed at
+    a random position inside the image, resized back — one affine resampling per view for the whole batch.
+    """
+
+    def __init__(self, mean: Any, std: Any) -> None:
+        self.plain = build_transform("none", mean=mean, std=std)
+
+    def views(self, x: Tensor, n_views: int, generator: torch.Generator | None = None) -> Tensor:
+        base = self.plain(x, train=False)
+        out = [base]
+        if n_views > 1:
+            out.append(base.flip(-1))
+        out += [self._crop(base, generator) for _ in range(n_views - 2)]
+        return torch.stack(out[:n_views])
+
+    @staticmethod
+    def _crop(x: Tensor, generator: torch.Generator | None) -> Tensor:
+        n = x.shape[0]
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        u = torch.rand((n, 4), generator=generator, device=gen_device).to(x.device, x.dtype)
+        scale = LIGHT_MIN_SCALE + (1.0 - LIGHT_MIN_SCALE) * u[:, 0]
+        mirror = torch.where(u[:, 1] < 0.5, -1.0, 1.0).to(x.dtype)
+        theta = torch.zeros((n, 2, 3), device=x.device, dtype=x.dtype)
+        # output (normalised coords in [-1, 1]) -> input: x_in = s * m * x_out + tx, |tx| <= 1 - s keeps the crop
+        # inside the image, so no border is ever filled in
+        theta[:, 0, 0], theta[:, 1, 1] = scale * mirror, scale
+        theta[:, 0, 2] = (2.0 * u[:, 2] - 1.0) * (1.0 - scale)
+        theta[:, 1, 2] = (2.0 * u[:, 3] - 1.0) * (1.0 - scale)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def view_maker(policy: str, mean: Any, std: Any) -> ViewMaker:
+    """`(uint8 batch, n_views, generator) -> (n_views, N, C, H, W)` normalised views for a policy."""
+    if policy == "light":
+        return LightViews(mean, std).views
+    return view_transform("study", mean=mean, std=std).views
+
+
+@dataclass
+class TTAOutput:
+    """Per-image results of test-time augmentation, rows in the data's order."""
+
+    mean_probs: np.ndarray  # (N, C) mean softmax over the views
+    votes: np.ndarray  # (N, C) how many views predicted each class
+    view_preds: np.ndarray  # (V, N) top-1 of each view
+
+    @property
+    def mean_preds(self) -> np.ndarray:
+        return self.mean_probs.argmax(axis=1)
+
+    @property
+    def vote_preds(self) -> np.ndarray:
+        # majority; ties go to the higher mean probability (always < 1, so it never outweighs a whole vote)
+        return (self.votes + 0.999 * self.mean_probs).argmax(axis=1)
+
+
+def tta_predict(model: nn.Module, data: ArrayData, make_views: ViewMaker, n_views: int, *, batch_size: int,
+                device: str, amp: str, generator: torch.Generator, channels_last: bool = True) -> TTAOutput:
+    """Run `n_views` views of every image through `model`, about `batch_size` views per forward pass."""
+    dev = resolve_device(device)
+    model.to(dev)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    amp_dtype = autocast_dtype(dev, amp)
+    images_per_step = max(1, batch_size // n_views)
+    mean_probs, votes, view_preds = [], [], []
+    with eval_mode(model), torch.inference_mode():
+        for x, _ in iterate_batches(data, images_per_step, shuffle=False, generator=None, device=dev):
+            views = make_views(x, n_views, generator)
+            v, b = views.shape[:2]
+            flat = views.reshape(v * b, *views.shape[2:])
+            logits = []
+            for chunk in flat.split(max(batch_size, 1)):
+                if channels_last:
+                    chunk = chunk.contiguous(memory_format=torch.channels_last)
+                with autocast_context(dev, amp_dtype):
+                    logits.append(model(chunk).float())
+            probs = torch.softmax(torch.cat(logits), dim=1).reshape(v, b, -1)
+            top = probs.argmax(dim=2)
+            mean_probs.append(probs.mean(dim=0).cpu())
+            votes.append(F.one_hot(top, probs.shape[2]).sum(dim=0).cpu())
+            view_preds.append(top.cpu())
+    return TTAOutput(torch.cat(mean_probs).numpy(), torch.cat(votes).numpy(), torch.cat(view_preds, dim=1).numpy())
+
+
+@dataclass
+class TTAResult:
+    """What the tta entry point computed (also returned to Python callers)."""
+
+    run_id: str
+    metrics: dict[str, float]
+    per_class: pd.DataFrame
+    output: TTAOutput
+
+
+def run(cfg: dict[str, Any]) -> TTAResult:
+    """Test-time augmentation of the model `cfg["run_id"]` on its test (or validation) split."""
+    setup_tracking()
+    split = check_choice(cfg, "split", ("test", "val"))
+    policy = check_choice(cfg, "policy", POLICIES)
+    aggregation = check_choice(cfg, "aggregation", AGGREGATIONS)
+    check_positive(cfg, "views", "batch_size")
+    source = load_source(cfg["run_id"])
+    plan = plan_data(source, cfg)
+    require_split(plan, split)
+    names = plan.class_names
+    with start_run(cfg["entry_point"], cfg, run_name=f"tta-{policy}-{aggregation}-{source.run.info.run_name}",
+                   tags=source.tags()) as active:
+        splits = decode_splits(plan)
+        data = splits.test if split == "test" else splits.val
+        log_dataset(plan.dataset, splits.tables[split], split)
+        model, info = source.model, source.info
+        plain = evaluate(model, data, build_transform("none", mean=info["mean"], std=info["std"]),
+                         batch_size=int(cfg["batch_size"]), device=cfg["device"], amp=cfg["amp"])
+        generator = torch.Generator().manual_seed(int(cfg["seed"]))
+        output = tta_predict(model, data, view_maker(policy, info["mean"], info["std"]), int(cfg["views"]),
+                             batch_size=int(cfg["batch_size"]), device=cfg["device"], amp=cfg["amp"],
+                             generator=generator)
+        metrics = tta_metrics(plain.preds, plain.probs, output, plain.labels, split, aggregation)
+        mlflow.log_metrics(metrics)
+        per_class = per_class_changes(plain.preds, output, plain.labels, names)
+        log_csv(per_class, f"tables/tta_per_class_{split}.csv", as_table=True)
+        chosen = output.mean_preds if aggregation == "mean" else output.vote_preds
+        log_csv(pd.DataFrame({
+            "fname": splits.tables[split]["fname"].to_numpy(), "label": plain.labels,
+            "class_name": [names[t] for t in plain.labels], "pred_no_tta": plain.preds,
+            "pred_tta_mean": output.mean_preds, "pred_tta_vote": output.vote_preds,
+            "pred_tta": chosen, "vote_share": output.votes.max(axis=1) / output.view_preds.shape[0],
+        }), f"tables/tta_predictions_{split}.csv")
+        view_acc = (output.view_preds == plain.labels[None, :]).mean(axis=1)
+        log_csv(pd.DataFrame({"view": np.arange(len(view_acc)), "accuracy": view_acc}), f"tables/tta_views_{split}.csv")
+        log_figure(figures.tta_summary({"no TTA": plain.acc, "TTA mean": metrics[f"{split}_acc_tta_mean"],
+                                        "TTA vote": metrics[f"{split}_acc_tta_vote"]}, view_acc,
+                                       f"{cfg['views']} views, policy {policy} ({split})"),
+                   f"figures/tta_summary_{split}.png")
+        return TTAResult(active.info.run_id, metrics, per_class, output)
+
+
+def tta_metrics(plain_preds: np.ndarray, plain_probs: np.ndarray, output: TTAOutput, labels: np.ndarray, split: str,
+                aggregation: str) -> dict[str, float]:
+    """Accuracy without TTA and with each aggregation, the deltas, calibration and how much the views agree."""
+    acc = {"no_tta": float((plain_preds == labels).mean()),
+           "tta_mean": float((output.mean_preds == labels).mean()),
+           "tta_vote": float((output.vote_preds == labels).mean())}
+    chosen = output.mean_preds if aggregation == "mean" else output.vote_preds
+    eps = 1e-12
+    n_views = output.view_preds.shape[0]
+    return {
+        f"{split}_acc_no_tta": acc["no_tta"], f"{split}_acc_tta_mean": acc["tta_mean"],
+        f"{split}_acc_tta_vote": acc["tta_vote"], f"{split}_acc_tta": acc[f"tta_{aggregation}"],
+        "tta_delta_mean": acc["tta_mean"] - acc["no_tta"], "tta_delta_vote": acc["tta_vote"] - acc["no_tta"],
+        "tta_delta": acc[f"tta_{aggregation}"] - acc["no_tta"],
+        "tta_fixed": float(((plain_preds != labels) & (chosen == labels)).sum()),
+        "tta_broken": float(((plain_preds == labels) & (chosen != labels)).sum()),
+        f"{split}_loss_no_tta": float(-np.log(plain_probs[np.arange(len(labels)), labels] + eps).mean()),
+        f"{split}_loss_tta_mean": float(-np.log(output.mean_probs[np.arange(len(labels)), labels] + eps).mean()),
+        "ece_no_tta": calibration(plain_probs, labels, 15)[0],
+        "ece_tta_mean": calibration(output.mean_probs, labels, 15)[0],
+        "view_acc_mean": float((output.view_preds == labels[None, :]).mean()),
+        "view_agreement": float((output.votes.max(axis=1) / n_views).mean()),
+    }
+
+
+def per_class_changes(plain_preds: np.ndarray, output: TTAOutput, labels: np.ndarray,
+                      class_names: list[str]) -> pd.DataFrame:
+    """Per class: accuracy without TTA and with each aggregation, and the changes."""
+    rows = []
+    for cls, name in enumerate(class_names):
+        mask = labels == cls
+        if not mask.any():
+            continue
+        no_tta = float((plain_preds[mask] == cls).mean())
+        mean = float((output.mean_preds[mask] == cls).mean())
+        vote = float((output.vote_preds[mask] == cls).mean())
+        rows.append({"class_id": cls, "class_name": name, "support": int(mask.sum()), "acc_no_tta": no_tta,
+                     "acc_tta_mean": mean, "acc_tta_vote": vote, "delta_mean": mean - no_tta,
+                     "delta_vote": vote - no_tta})
+    return pd.DataFrame(rows).sort_values("delta_mean", kind="stable")

@@ -1,0 +1,368 @@
+"""Hyperparameter tuning with Optuna: learning rate, dropout and weight decay of one model.
+
+One MLflow parent run per invocation (one *worker*), one nested run per trial. Each trial trains with the shared
+`fit_and_log` on the same stratified train/val split as every other run (the official test split is not even decoded)
+and reports `val_acc` after every epoch to the pruner; a pruned trial's run ends KILLED (tag
+`carsml.trial_state=pruned`), a failing trial's run ends FAILED without stopping the study. The objective is the
+trial's best validation accuracy.
+
+Several workers (processes, machines) share one study through its storage — any SQLAlchemy URL (`sqlite:///optuna.db`
+by default, PostgreSQL/MySQL at scale) — and the `optuna` CLI reads the same storage (`optuna trials --storage <url>
+--study-name <name>`). Everything that can be wrong with the options (ranges, sampler, pruner, storage, a study
+created for another model or dataset) is reported before any MLflow run is created.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import optuna
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from carsml.data.splits import membership_table, train_val_split
+from carsml.data.table import Dataset
+from carsml.engine.callbacks import Callback
+from carsml.engine.loader import ArrayData
+from carsml.errors import CarsmlError, ConfigError
+from carsml.experiments.common import limit_classes, model_kwargs, resolve_dataset
+from carsml.experiments.train import decode, fit_and_log, train_config
+from carsml.models.factory import create_model
+from carsml.tracking.runs import log_csv, log_dataset, log_figure, log_text, setup_tracking, start_run
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "hyperband", "none")
+OBJECTIVE = "best_val_acc"  # maximised; per-epoch `val_acc` is what the pruner sees
+# Options that change what a trial's value means: every worker of a study must agree on them.
+STUDY_KEYS = ("model", "epochs", "image_size", "val_fraction", "seed", "max_classes", "batch_size", "optimizer",
+              "scheduler", "augmentation", "use_boxes", "crop_margin")
+SQLITE_LOCK_TIMEOUT_S = 60  # several workers on one SQLite file wait this long for its write lock
+
+
+# ------------------------------------------------------------------------------------------------ search space
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Ranges of the three tuned hyperparameters (lr and weight decay on a log scale)."""
+
+    lr: tuple[float, float]
+    dropout: tuple[float, float]
+    weight_decay: tuple[float, float]
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, float]:
+        """Sample one point of the space for `trial`."""
+        return {
+            "lr": trial.suggest_float("lr", *self.lr, log=True),
+            "dropout": trial.suggest_float("dropout", *self.dropout),
+            "weight_decay": trial.suggest_float("weight_decay", *self.weight_decay, log=True),
+        }
+
+
+def search_space(cfg: dict[str, Any]) -> SearchSpace:
+    """The search space of a tune config; ConfigError for inverted, non-positive (log scale) or out-of-range ends."""
+
+    def bounds(name: str, *, log_scale: bool, upper: float = math.inf) -> tuple[float, float]:
+        low, high = float(cfg[f"{name}_min"]), float(cfg[f"{name}_max"])
+        for key, value in ((f"{name}_min", low), (f"{name}_max", high)):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}={value!r}: expected a finite number")
+        if log_scale and low <= 0:
+            raise ConfigError(f"{name}_min={low!r}: {name} is searched on a log scale, so the range must be > 0")
+        if low < 0 or high >= upper:
+            raise ConfigError(f"{name} range [{low!r}, {high!r}]: expected values in [0, {upper})")
+        if low > high:
+            raise ConfigError(f"{name}_min={low!r} is larger than {name}_max={high!r}: the range is inverted")
+        return low, high
+
+    return SearchSpace(lr=bounds("lr", log_scale=True), dropout=bounds("dropout", log_scale=False, upper=1.0),
+                       weight_decay=bounds("weight_decay", log_scale=True))
+
+
+# ------------------------------------------------------------------------------------------ study construction
+
+
+def storage_url(text: str) -> URL:
+    """Parse the `storage` option; a relative SQLite path becomes absolute so every process (and the `optuna` CLI
+    run from elsewhere) finds the same file."""
+    try:
+        url = make_url(text.strip())
+    except ArgumentError:
+        raise ConfigError(f"storage={text!r}: not a SQLAlchemy URL; expected e.g. sqlite:///optuna.db or "
+                          f"postgresql://user@host/optuna") from None
+    if url.get_backend_name() == "sqlite":
+        if url.database in (None, "", ":memory:"):
+            raise ConfigError(f"storage={text!r}: an in-memory SQLite study cannot be shared, resumed or read by the "
+                              f"optuna CLI; give a file, e.g. sqlite:///optuna.db")
+        url = url.set(database=str(Path(url.database).expanduser().resolve()))
+    return url
+
+
+def shown(url: URL) -> str:
+    """The URL as logged and printed: the password hidden."""
+    return url.render_as_string(hide_password=True)
+
+
+def open_storage(url: URL) -> optuna.storages.RDBStorage:
+    """Connect to (and create the tables of) an Optuna RDB storage, or raise a CarsmlError saying why not."""
+    kwargs: dict[str, Any] = {}
+    if url.get_backend_name() == "sqlite":
+        if not Path(url.database).parent.is_dir():
+            raise CarsmlError(f"storage={shown(url)!r}: folder {Path(url.database).parent} does not exist")
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT_S}}
+    try:
+        return optuna.storages.RDBStorage(url.render_as_string(hide_password=False), **kwargs)
+    except ImportError as exc:
+        raise CarsmlError(f"storage={shown(url)!r}: the database driver for {url.drivername!r} is not installed "
+                          f"({exc}); e.g. `pip install psycopg2-binary` for PostgreSQL, `pymysql` for MySQL") from None
+    except (SQLAlchemyError, ValueError, OSError) as exc:
+        reason = str(exc).splitlines()[0]
+        raise CarsmlError(f"storage={shown(url)!r}: cannot open the Optuna storage ({reason}); expected a reachable "
+                          f"database URL such as sqlite:///optuna.db or postgresql://user@host/optuna") from None
+
+
+def make_sampler(cfg: dict[str, Any], seed: int) -> optuna.samplers.BaseSampler:
+    """The configured sampler, seeded."""
+    if cfg["sampler"] == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    # constant_liar: a running trial counts as a bad result, so parallel workers spread out instead of piling up
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg["sampler_startup_trials"], constant_liar=True)
+
+
+def make_pruner(cfg: dict[str, Any]) -> optuna.pruners.BasePruner:
+    """The configured pruner; it judges the per-epoch val_acc each trial reports."""
+    if cfg["pruner"] == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg["pruner_startup_trials"],
+                                           n_warmup_steps=cfg["pruner_warmup_epochs"])
+    if cfg["pruner"] == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg["epochs"], reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def check_options(cfg: dict[str, Any]) -> SearchSpace:
+    """Validate everything but the storage and data (no run exists yet); returns the search space."""
+    if cfg["resume_run_id"]:
+        raise ConfigError("resume_run_id: a tuning study is resumed through its Optuna storage "
+                          "(same storage and study_name, load_if_exists true), not through an MLflow run")
+    space = search_space(cfg)
+    if cfg["sampler"] not in SAMPLERS:
+        raise ConfigError(f"sampler={cfg['sampler']!r}: expected one of {', '.join(SAMPLERS)}")
+    if cfg["pruner"] not in PRUNERS:
+        raise ConfigError(f"pruner={cfg['pruner']!r}: expected one of {', '.join(PRUNERS)}")
+    for key in ("n_trials", "timeout", "sampler_startup_trials", "pruner_startup_trials", "pruner_warmup_epochs"):
+        if cfg[key] < 0:
+            raise ConfigError(f"{key}={cfg[key]!r}: expected a number >= 0")
+    if cfg["n_trials"] == 0 and cfg["timeout"] == 0:
+        raise ConfigError("n_trials=0 and timeout=0: the study would never stop; set n_trials or timeout")
+    if cfg["sampler_seed"] < -1:
+        raise ConfigError(f"sampler_seed={cfg['sampler_seed']!r}: expected -1 (derived) or a seed >= 0")
+    if not str(cfg["study_name"]).strip():
+        raise ConfigError("study_name: expected a non-empty name")
+    for low in (space.lr[0], space.lr[1]):  # the engine must accept both ends of the range
+        train_config({**cfg, "lr": low, "weight_decay": space.weight_decay[1]})
+    return space
+
+
+def study_settings(cfg: dict[str, Any], dataset: Dataset) -> dict[str, Any]:
+    """What makes trial values comparable; stored on the study so later workers can be checked against it."""
+    return {**{f"carsml_{k}": cfg[k] for k in STUDY_KEYS}, "carsml_data_digest": dataset.digest()}
+
+
+def open_study(cfg: dict[str, Any], url: URL, settings: dict[str, Any]) -> tuple[optuna.Study, int]:
+    """Create or load the study (checked against `settings`); returns it with the sampler seed used."""
+    storage = open_storage(url)
+    name = str(cfg["study_name"]).strip()
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
+                                    load_if_exists=cfg["load_if_exists"])
+    except optuna.exceptions.DuplicatedStudyError:
+        raise ConfigError(f"study_name={name!r} already exists in {shown(url)}; set load_if_exists true to "
+                          f"continue it or choose another name") from None
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise ConfigError(f"study {name!r} in {shown(url)} minimises; carsml studies maximise {OBJECTIVE}")
+    stored = study.user_attrs
+    clashes = {k: (stored[k], v) for k, v in settings.items() if k in stored and stored[k] != v}
+    if clashes:
+        listed = "; ".join(f"{k.removeprefix('carsml_')}: study has {a!r}, this worker {b!r}"
+                           for k, (a, b) in clashes.items())
+        raise ConfigError(f"study {name!r} in {shown(url)} was created with other settings ({listed}); its trial "
+                          f"values would not be comparable. Use another study_name or the study's settings.")
+    for key, value in settings.items():
+        if key not in stored:
+            study.set_user_attr(key, value)
+    seed = cfg["sampler_seed"] if cfg["sampler_seed"] >= 0 else cfg["seed"] + len(study.trials)
+    study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(cfg, seed),
+                              pruner=make_pruner(cfg))
+    return study, seed
+
+
+# -------------------------------------------------------------------------------------------------- trials
+
+
+class OptunaPruning(Callback):
+    """Reports each epoch's val_acc to the trial and stops the fit with TrialPruned when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+        self.epochs_run = 0
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.epochs_run = epoch
+        self.trial.report(metrics["val_acc"], step=epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"trial {self.trial.number} pruned after epoch {epoch} "
+                                     f"(val_acc {metrics['val_acc']:.4f})")
+
+
+@dataclass
+class TuneResult:
+    """What one worker did, and the study's best trial so far (over every worker)."""
+
+    study_name: str
+    storage: str  # password hidden
+    parent_run_id: str
+    sampler_seed: int
+    states: dict[int, str] = field(default_factory=dict)  # this worker's trials: number -> complete|pruned|failed
+    epochs_run: dict[int, int] = field(default_factory=dict)  # trial number -> epochs trained
+    best_value: float | None = None
+    best_params: dict[str, float] = field(default_factory=dict)
+    best_trial: int | None = None
+
+
+@dataclass
+class _Context:
+    cfg: dict[str, Any]
+    space: SearchSpace
+    class_names: list[str]
+    train: ArrayData
+    val: ArrayData
+    result: TuneResult
+
+
+def _objective(ctx: _Context, trial: optuna.Trial) -> float:
+    """One trial: a nested MLflow run training the sampled configuration (see the module docstring for states)."""
+    params = ctx.space.suggest(trial)
+    cfg = {**ctx.cfg, **params}
+    pruning = OptunaPruning(trial)
+    pruned: optuna.TrialPruned | None = None
+    tags = {"carsml.trial_number": str(trial.number), "carsml.study_name": trial.study.study_name,
+            "carsml.parent_run_id": ctx.result.parent_run_id, "carsml.model": cfg["model"],
+            "carsml.trial_state": "running"}
+    try:
+        with start_run(cfg["entry_point"], cfg, run_name=f"trial-{trial.number}", nested=True, tags=tags) as run:
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            try:
+                model = create_model(cfg["model"], len(ctx.class_names), cfg["image_size"], **model_kwargs(cfg))
+                trained = fit_and_log(cfg, model, ctx.class_names, ctx.train, ctx.val, None, callbacks=(pruning,))
+            except optuna.TrialPruned as exc:
+                mlflow.set_tags({"carsml.trial_state": "pruned", "carsml.pruned_at_epoch": str(pruning.epochs_run)})
+                mlflow.end_run("KILLED")  # ends the trial run only; start_run would mark it FAILED
+                pruned = exc
+            except Exception:
+                mlflow.set_tag("carsml.trial_state", "failed")  # start_run adds carsml.error and ends it FAILED
+                raise
+            else:
+                mlflow.set_tag("carsml.trial_state", "complete")
+    except Exception:
+        ctx.result.states[trial.number] = "failed"
+        raise  # study.optimize(catch=...) records the trial as FAIL and carries on with the next one
+    finally:
+        ctx.result.epochs_run[trial.number] = pruning.epochs_run
+    if pruned is not None:
+        ctx.result.states[trial.number] = "pruned"
+        raise pruned
+    ctx.result.states[trial.number] = "complete"
+    return float(trained.finals[OBJECTIVE])
+
+
+# -------------------------------------------------------------------------------------------------- summary
+
+
+def _figures(study: optuna.Study, seed: int) -> None:
+    """Optimisation history, intermediate values and (with >= 2 completed trials) parameter importances."""
+    from optuna.visualization import matplotlib as ovm
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        log_figure(ovm.plot_optimization_history(study).figure, "figures/optimization_history.png")
+        log_figure(ovm.plot_intermediate_values(study).figure, "figures/intermediate_values.png")
+        if len(complete) < 2 or len({t.value for t in complete}) < 2:  # fANOVA needs values that differ
+            mlflow.set_tag("carsml.param_importance", f"skipped: needs >= 2 completed trials with different "
+                                                      f"values, has {len(complete)}")
+            return
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+        importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+        mlflow.log_metrics({f"importance_{k}": float(v) for k, v in importances.items()})
+        log_figure(ovm.plot_param_importances(study, evaluator=evaluator).figure, "figures/param_importances.png")
+
+
+def _summarise(study: optuna.Study, cfg: dict[str, Any], result: TuneResult) -> None:
+    """Log this worker's counts, the pruning savings and the study's best trial to the parent run."""
+    mine = list(result.states.values())
+    finished = [n for n, s in result.states.items() if s in ("complete", "pruned")]
+    budget = len(finished) * cfg["epochs"]
+    ran = sum(result.epochs_run[n] for n in finished)
+    saved_by_pruning = sum(cfg["epochs"] - result.epochs_run[n] for n, s in result.states.items() if s == "pruned")
+    mlflow.log_metrics({
+        "n_trials_complete": mine.count("complete"), "n_trials_pruned": mine.count("pruned"),
+        "n_trials_failed": mine.count("failed"), "trial_epochs_run": ran, "trial_epochs_budget": budget,
+        "trial_epochs_saved_by_pruning": saved_by_pruning,
+    })
+    trials = study.trials
+    log_csv(study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration")),
+            "tables/trials.csv")
+    states = optuna.trial.TrialState
+    mlflow.log_metrics({f"study_trials_{s.name.lower()}": sum(t.state == s for t in trials)
+                        for s in (states.COMPLETE, states.PRUNED, states.FAIL)})
+    if not any(t.state == states.COMPLETE for t in trials):
+        raise CarsmlError(f"study {study.study_name!r}: no trial completed ({mine.count('pruned')} pruned, "
+                          f"{mine.count('failed')} failed in this worker); see the nested runs' carsml.error tags")
+    best = study.best_trial
+    result.best_value, result.best_params, result.best_trial = best.value, dict(best.params), best.number
+    mlflow.log_metrics({"best_value": best.value, "best_trial_number": best.number,
+                        **{f"best_{k}": float(v) for k, v in best.params.items()}})
+    mlflow.set_tag("carsml.best_trial_run_id", best.user_attrs.get("mlflow_run_id", ""))
+    log_text(json.dumps({"value": best.value, "trial": best.number, "params": best.params,
+                         "mlflow_run_id": best.user_attrs.get("mlflow_run_id")}, indent=2), "best_params.json")
+    _figures(study, cfg["seed"])
+
+
+# ------------------------------------------------------------------------------------------------------ run
+
+
+def run(cfg: dict[str, Any]) -> TuneResult:
+    """Run `n_trials` trials (or until `timeout`) of the study as one worker; see the module docstring."""
+    setup_tracking()
+    space = check_options(cfg)
+    url = storage_url(str(cfg["storage"]))
+    dataset = limit_classes(resolve_dataset(cfg), cfg["max_classes"])
+    create_model(cfg["model"], dataset.num_classes, cfg["image_size"],  # model options fail here, not in a trial
+                 **model_kwargs({**cfg, "dropout": space.dropout[1]}))
+    study, seed = open_study(cfg, url, study_settings(cfg, dataset))
+    logged_cfg = {**cfg, "storage": shown(url)}  # never log a database password
+    tags = {"carsml.model": cfg["model"], "optuna.storage": shown(url), "optuna.study_name": study.study_name,
+            "carsml.sampler_seed": str(seed)}
+    with start_run(cfg["entry_point"], logged_cfg, run_name=f"tune-{cfg['model']}", tags=tags) as parent:
+        result = TuneResult(study.study_name, shown(url), parent.info.run_id, seed)
+        rows = decode(cfg, dataset, "train")  # the test split is never decoded: nothing here may look at it
+        log_dataset(dataset, rows.table, "train")
+        train_idx, val_idx = train_val_split(rows.labels, cfg["val_fraction"], cfg["seed"])
+        log_csv(membership_table(rows.table["fname"], {"train": train_idx, "val": val_idx}),
+                "data/split_membership.csv")
+        all_train = ArrayData(rows.images, rows.labels)
+        ctx = _Context(cfg, space, dataset.class_names, all_train.subset(train_idx), all_train.subset(val_idx),
+                       result)
+        study.optimize(lambda trial: _objective(ctx, trial), n_trials=cfg["n_trials"] or None,
+                       timeout=cfg["timeout"] or None, catch=(Exception,), gc_after_trial=True)
+        _summarise(study, cfg, result)
+    return result
