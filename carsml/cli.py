@@ -45,7 +45,7 @@ def _register(name: str, command_name: str, target: typer.Typer) -> None:
         params.append(inspect.Parameter(
             key, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],  # noqa: UP045 - runtime-built annotation
             default=typer.Option(None, f"--{key.replace('_', '-')}", show_default=False, metavar=metavar,
-                                 help=f"{opt.help} [default: {opt.default!r}]"),
+                                 help=f"{opt.help} (default: {opt.default!r})"),
         ))
 
     def command(**kwargs: Any) -> None:
@@ -63,6 +63,25 @@ def _register(name: str, command_name: str, target: typer.Typer) -> None:
 for _name, (_command, _) in REGISTRY.items():
     if _name in entry_points():  # an entry point exists once its defaults file does
         _register(_name, _command.split()[-1], data_app if _command.startswith("data ") else app)
+
+
+@app.command("compare")
+def compare(
+    experiment_name: str = typer.Option("stanford-cars", help="MLflow experiment holding the transfer runs."),
+    parent_run_id: str = typer.Option("", help="Only the children of this transfer_all run (the table is also "
+                                               "logged to it); default: the best run per model by val accuracy."),
+    output: Path = typer.Option(Path("."), help="Folder for transfer_comparison.md and transfer_comparison.csv."),
+) -> None:
+    """Study row 10's table (model, params, val/test loss and accuracy, correct, errors, train time) from MLflow."""
+    from carsml.experiments.compare import STEM, compare_runs, to_markdown
+
+    try:
+        table = compare_runs(experiment_name, parent_run_id, output)
+    except CarsmlError as exc:
+        _fail(exc)
+    print(to_markdown(table), end="")
+    console.print(f"wrote {output / (STEM + '.md')} and {output / (STEM + '.csv')}"
+                  + (f"; logged to run {parent_run_id}" if parent_run_id else ""))
 
 
 @data_app.command("synth")
