@@ -27,6 +27,7 @@ from carsml.engine.train import FitResult, TrainConfig, fit
 from carsml.errors import CarsmlError, ConfigError
 from carsml.experiments.common import cache_root, limit_classes, model_kwargs, resolve_dataset
 from carsml.models.factory import count_parameters, create_model, model_config, resolve_data_config
+from carsml.progress import progress_bar
 from carsml.tracking import figures
 from carsml.tracking.models import log_model
 from carsml.tracking.runs import log_csv, log_dataset, log_figure, start_run
@@ -97,8 +98,9 @@ def decode(cfg: dict[str, Any], dataset: Dataset, split: str) -> DecodedImages |
     rows = dataset.split(split)
     if rows.empty:
         return None
-    decoded = build_cache(rows, cfg["image_size"], cache_dir=cache_root(cfg), use_boxes=cfg["use_boxes"],
-                          margin=cfg["crop_margin"], skip_unreadable=cfg["skip_unreadable"])
+    with progress_bar(f"decoding {split} images") as update:
+        decoded = build_cache(rows, cfg["image_size"], cache_dir=cache_root(cfg), use_boxes=cfg["use_boxes"],
+                              margin=cfg["crop_margin"], skip_unreadable=cfg["skip_unreadable"], progress=update)
     if decoded.skipped and mlflow.active_run():
         log_csv(pd.DataFrame(decoded.skipped, columns=["path", "reason"]), f"data/skipped_{split}.csv")
         mlflow.log_metric(f"{split}_images_skipped", len(decoded.skipped))
