@@ -165,8 +165,11 @@ def build_cache(
                 "margin": margin, "skipped": skipped, "checksum": _file_checksum(tmp / "images.npy"),
                 "format": CACHE_FORMAT}
         (tmp / "meta.json").write_text(json.dumps(meta))
-        if folder.exists():  # a partial or corrupt earlier attempt
-            shutil.rmtree(folder)
+        if folder.exists():
+            if _load_existing(folder, table, image_size) is not None:  # another process published it meanwhile
+                shutil.rmtree(tmp, ignore_errors=True)
+                return _load_existing(folder, table, image_size)
+            shutil.rmtree(folder)  # a partial or corrupt earlier attempt
         os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -167,8 +167,8 @@ def check_options(cfg: dict[str, Any]) -> SearchSpace:
         raise ConfigError(f"sampler_seed={cfg['sampler_seed']!r}: expected -1 (derived) or a seed >= 0")
     if not str(cfg["study_name"]).strip():
         raise ConfigError("study_name: expected a non-empty name")
-    for low in (space.lr[0], space.lr[1]):  # the engine must accept both ends of the range
-        train_config({**cfg, "lr": low, "weight_decay": space.weight_decay[1]})
+    for lr in space.lr:  # the engine must accept both ends of the ranges
+        train_config({**cfg, "lr": lr, "weight_decay": space.weight_decay[1]})
     return space
 
 

@@ -52,6 +52,9 @@ def decode_image(text: object, row: int, size: int) -> np.ndarray:
                 img = Image.fromarray(np.clip(arr / max(arr.max(), 1) * 255, 0, 255).astype(np.uint8))
             img = img.convert("RGB").resize((size, size), Image.BILINEAR)
             return np.asarray(img)
+    except Image.DecompressionBombError:  # PIL refuses > 2 x its own limit before our size check can run
+        raise MlflowException.invalid_parameter_value(
+            f"row {row}: image has more than {MAX_PIXELS:,} pixels") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise MlflowException.invalid_parameter_value(
             f"row {row}: `image` bytes are not a readable JPEG/PNG image") from None
