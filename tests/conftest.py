@@ -23,13 +23,14 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cache_dir: Path) -> Path:
     monkeypatch.setenv("CARSML_CACHE", str(cache_dir))
+    import mlflow
+
+    mlflow.set_tracking_uri(None)  # forget a URI set explicitly by an earlier test (this also unsets the variable)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     monkeypatch.chdir(tmp_path)
     yield tmp_path
-    import mlflow
-
     while mlflow.active_run():
         mlflow.end_run()
 

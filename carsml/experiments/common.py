@@ -50,7 +50,9 @@ def model_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
         kwargs["se"] = cfg["se"]
         if cfg["model"] == "improved_cnn":
             kwargs["late_residual"] = cfg["late_residual"]
-    for key in ("pretrained", "weights", "drop_path_rate"):
+    for key in ("pretrained", "weights"):
         if key in cfg and cfg[key] not in ("", None):
             kwargs[key] = cfg[key]
+    if cfg.get("drop_path_rate", 0) > 0:  # timm's VGG / DenseNet reject the keyword even at 0
+        kwargs["drop_path_rate"] = cfg["drop_path_rate"]
     return kwargs

@@ -15,6 +15,7 @@ sklearn flavour, skops format: features in, class out) and `rf_model` (images in
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,18 +110,27 @@ def check_options(cfg: dict[str, Any]) -> None:
     resolve_device(cfg["device"])
 
 
+def _search_experiment(experiment_name: str) -> tuple[str | None, str]:
+    """(id, description) of the experiment searched for the source run: under `mlflow run` the launched run's own
+    (--experiment-name decides, as for the run itself), else `experiment_name`."""
+    if os.environ.get("MLFLOW_RUN_ID") and os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"], f"experiment id {os.environ['MLFLOW_EXPERIMENT_ID']} (mlflow run)"
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    return (experiment.experiment_id if experiment else None), f"experiment {experiment_name!r}"
+
+
 def best_transfer_run(experiment_name: str, model: str) -> mlflow.entities.Run:
     """The finished `transfer` run tagged carsml.model=`model` with the best validation accuracy (ties: lower val
     loss); CarsmlError when the experiment holds none."""
-    experiment = mlflow.get_experiment_by_name(experiment_name)
+    experiment_id, where = _search_experiment(experiment_name)
     query = (f"tags.`carsml.entry_point` = 'transfer' and tags.`carsml.model` = '{model}' "
              f"and attributes.status = 'FINISHED'")
-    runs = MlflowClient().search_runs([experiment.experiment_id], query,
+    runs = MlflowClient().search_runs([experiment_id], query,
                                       order_by=["metrics.best_val_acc DESC", "metrics.best_val_loss ASC"],
-                                      max_results=1) if experiment else []
+                                      max_results=1) if experiment_id else []
     if not runs:
-        raise CarsmlError(f"features_rf: no finished transfer run with carsml.model={model!r} in experiment "
-                          f"{experiment_name!r} (tracking URI {mlflow.get_tracking_uri()}); train one with "
+        raise CarsmlError(f"features_rf: no finished transfer run with carsml.model={model!r} in {where} "
+                          f"(tracking URI {mlflow.get_tracking_uri()}); train one with "
                           f"`carsml transfer --model {model}`, or pass --run-id <a training run>")
     return runs[0]
 
@@ -198,7 +208,8 @@ def extract_features(model: nn.Module, data: ArrayData, fnames: np.ndarray, tran
                 hidden = model.forward_features(transform(x, train=False))
                 feats.append(model.forward_head(hidden, pre_logits=True).float().cpu())
                 logits.append(model.forward_head(hidden).float().cpu())
-    return Features(torch.cat(feats).numpy(), data.targets.copy(), torch.cat(logits).numpy(), np.asarray(fnames))
+    return Features(torch.cat(feats).numpy(), data.targets.copy(), torch.cat(logits).numpy(),
+                    np.asarray(fnames, dtype=str))
 
 
 # ------------------------------------------------------------------------------------------------- heads
@@ -243,6 +254,16 @@ def _report(labels: np.ndarray, preds: np.ndarray, class_names: list[str], split
     log_csv(table.reset_index(names="class"), f"tables/rf_{split}_classification_report.csv")
 
 
+def _markdown(table: pd.DataFrame) -> str:
+    """A Markdown table, numbers to 4 decimals (pandas' to_markdown would need tabulate)."""
+    def cell(v: Any) -> str:
+        return "–" if isinstance(v, float) and np.isnan(v) else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
 def evaluate_heads(heads: dict[str, Any], splits: dict[str, Features], class_names: list[str]) -> dict[str, float]:
     """Metrics of every head and of the network on val / test; reports, per-image predictions and error overlap."""
     metrics: dict[str, float] = {}
@@ -266,7 +287,7 @@ def evaluate_heads(heads: dict[str, Any], splits: dict[str, Features], class_nam
                                       for split in ("val", "test") for m in ("acc", "macro_f1", "weighted_f1")}})
     table = pd.DataFrame(rows)
     log_csv(table, "tables/heads.csv")
-    log_text(table.to_markdown(index=False, floatfmt=".4f") + "\n", "tables/heads.md")
+    log_text(_markdown(table), "tables/heads.md")
     return metrics
 
 

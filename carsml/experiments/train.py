@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,13 @@ from carsml.engine.callbacks import Callback, RichProgress
 from carsml.engine.evaluate import EvalResult, evaluate
 from carsml.engine.loader import ArrayData
 from carsml.engine.train import FitResult, TrainConfig, fit
-from carsml.errors import CarsmlError, ConfigError
+from carsml.errors import CarsmlError, ConfigError, DataError
 from carsml.experiments.common import cache_root, limit_classes, model_kwargs, resolve_dataset
 from carsml.models.factory import count_parameters, create_model, model_config, resolve_data_config
 from carsml.progress import progress_bar
 from carsml.tracking import figures
 from carsml.tracking.models import log_model
-from carsml.tracking.runs import log_csv, log_dataset, log_figure, start_run
+from carsml.tracking.runs import log_csv, log_dataset, log_figure, setup_tracking, start_run
 
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "scheduler", "warmup_epochs",
               "plateau_factor", "plateau_patience", "label_smoothing", "grad_clip", "early_stopping_patience",
@@ -163,6 +164,8 @@ def fit_and_log(
         examples = np.asarray(test.images[:2] if test is not None else val.images[:2])
         info = info_for(model, class_names, cfg["image_size"], source_run_id=run_id, **(info_extra or {}))
         model_uri = log_model(model.cpu(), info, examples)
+    if checkpoint_dir is not None:  # finished: the run holds the best model; checkpoints only serve a resume
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return Trained(result, test_result, finals, history, model_uri)
 
 
@@ -181,7 +184,7 @@ def log_confusion(result: EvalResult, class_names: list[str], split: str) -> np.
     return counts
 
 
-def _resume_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+def resume_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], Path]:
     """The original run's config and checkpoint folder for `resume_run_id` (checked before anything starts)."""
     run_id = cfg["resume_run_id"]
     try:
@@ -199,34 +202,66 @@ def _resume_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], Path]:
     return resumed, folder
 
 
+@dataclass
+class Splits:
+    """The decoded official splits and the stratified train/val split of the official train set."""
+
+    train_rows: DecodedImages
+    test_rows: DecodedImages | None
+    train_idx: np.ndarray  # positions in train_rows
+    val_idx: np.ndarray
+
+    @property
+    def train(self) -> ArrayData:
+        return ArrayData(self.train_rows.images, self.train_rows.labels).subset(self.train_idx)
+
+    @property
+    def val(self) -> ArrayData:
+        return ArrayData(self.train_rows.images, self.train_rows.labels).subset(self.val_idx)
+
+    @property
+    def test(self) -> ArrayData | None:
+        rows = self.test_rows
+        return ArrayData(rows.images, rows.labels) if rows is not None else None
+
+
+def load_splits(cfg: dict[str, Any], dataset: Dataset) -> Splits:
+    """Decode the official splits (cached) and split train into train/val with the config's seed and fraction."""
+    train_rows = decode(cfg, dataset, "train")
+    if train_rows is None:
+        raise DataError(f"dataset {dataset.root}: no images in the official train split; transfer needs them")
+    train_idx, val_idx = train_val_split(train_rows.labels, cfg["val_fraction"], cfg["seed"])
+    return Splits(train_rows, decode(cfg, dataset, "test"), train_idx, val_idx)
+
+
+def train_in_run(cfg: dict[str, Any], dataset: Dataset, model: Any, splits: Splits, *,
+                 checkpoint_dir: Path | None = None, resume: bool = False,
+                 info_extra: dict[str, Any] | None = None) -> Trained:
+    """Inside the active run: record the data and split, then train and log with `fit_and_log`."""
+    run_id = mlflow.active_run().info.run_id
+    if checkpoint_dir is None:
+        checkpoint_dir = cache_root(cfg) / "checkpoints" / run_id
+        mlflow.set_tag("carsml.checkpoint_dir", str(checkpoint_dir))
+    if not resume:
+        log_dataset(dataset, splits.train_rows.table, "train")
+        if splits.test_rows is not None:
+            log_dataset(dataset, splits.test_rows.table, "test")
+        log_csv(membership_table(splits.train_rows.table["fname"], {"train": splits.train_idx, "val": splits.val_idx}),
+                "data/split_membership.csv")
+    return fit_and_log(cfg, model, dataset.class_names, splits.train, splits.val, splits.test,
+                       checkpoint_dir=checkpoint_dir, resume=resume, info_extra=info_extra)
+
+
 def run(cfg: dict[str, Any]) -> Trained:
     """Train one network on a stratified train/val split of the official train set; report the official test split."""
-    from carsml.tracking.runs import setup_tracking
-
     setup_tracking()
     checkpoint_dir = None
     if cfg["resume_run_id"]:
-        cfg, checkpoint_dir = _resume_config(cfg)
+        cfg, checkpoint_dir = resume_config(cfg)
     train_config(cfg)  # validate before any work
     dataset = limit_classes(resolve_dataset(cfg), cfg["max_classes"])
     model = create_model(cfg["model"], dataset.num_classes, cfg["image_size"], **model_kwargs(cfg))
-    run_name = f"{cfg['entry_point']}-{cfg['model']}"
-    with start_run(cfg["entry_point"], cfg, run_name=run_name, resume_run_id=cfg["resume_run_id"]) as active:
-        run_id = active.info.run_id
-        if checkpoint_dir is None:
-            checkpoint_dir = cache_root(cfg) / "checkpoints" / run_id
-            mlflow.set_tag("carsml.checkpoint_dir", str(checkpoint_dir))
-        mlflow.set_tag("carsml.model", cfg["model"])
-        train_rows, test_rows = decode(cfg, dataset, "train"), decode(cfg, dataset, "test")
-        if not cfg["resume_run_id"]:
-            log_dataset(dataset, train_rows.table, "train")
-            if test_rows is not None:
-                log_dataset(dataset, test_rows.table, "test")
-        all_train = ArrayData(train_rows.images, train_rows.labels)
-        train_idx, val_idx = train_val_split(train_rows.labels, cfg["val_fraction"], cfg["seed"])
-        if not cfg["resume_run_id"]:
-            log_csv(membership_table(train_rows.table["fname"], {"train": train_idx, "val": val_idx}),
-                    "data/split_membership.csv")
-        test = ArrayData(test_rows.images, test_rows.labels) if test_rows is not None else None
-        return fit_and_log(cfg, model, dataset.class_names, all_train.subset(train_idx), all_train.subset(val_idx),
-                           test, checkpoint_dir=checkpoint_dir, resume=bool(cfg["resume_run_id"]))
+    with start_run(cfg["entry_point"], cfg, run_name=f"{cfg['entry_point']}-{cfg['model']}",
+                   resume_run_id=cfg["resume_run_id"], tags={"carsml.model": cfg["model"]}):
+        return train_in_run(cfg, dataset, model, load_splits(cfg, dataset), checkpoint_dir=checkpoint_dir,
+                            resume=checkpoint_dir is not None)

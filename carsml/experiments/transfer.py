@@ -12,7 +12,6 @@ of another architecture, bad training options) raises before any run is created.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,53 +21,17 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from carsml.config import load_config, options
-from carsml.data.cache import DecodedImages
-from carsml.data.splits import membership_table, train_val_split
-from carsml.data.table import Dataset
 from carsml.engine.device import seed_everything
-from carsml.engine.loader import ArrayData
-from carsml.errors import CarsmlError, ConfigError, DataError
-from carsml.experiments.common import cache_root, limit_classes, model_kwargs, resolve_dataset
-from carsml.experiments.train import Trained, _resume_config, decode, fit_and_log, train_config
+from carsml.errors import CarsmlError, ConfigError
+from carsml.experiments.common import limit_classes, model_kwargs, resolve_dataset
+from carsml.experiments.train import Trained, load_splits, resume_config, train_config, train_in_run
 from carsml.models.factory import create_model
-from carsml.tracking.runs import log_csv, log_dataset, setup_tracking, start_run
+from carsml.tracking.runs import setup_tracking, start_run
 
 STUDY_MODELS = ("resnet50", "vgg16", "densenet121", "efficientnet_b0")
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 # transfer_all options that are its own, not a child transfer run's
 PARENT_ONLY = ("models", "resume_run_id")
-
-
-@dataclass
-class Splits:
-    """The decoded official splits and the stratified train/val split of the official train set."""
-
-    train_rows: DecodedImages
-    test_rows: DecodedImages | None
-    train_idx: Any
-    val_idx: Any
-
-    @property
-    def train(self) -> ArrayData:
-        return ArrayData(self.train_rows.images, self.train_rows.labels).subset(self.train_idx)
-
-    @property
-    def val(self) -> ArrayData:
-        return ArrayData(self.train_rows.images, self.train_rows.labels).subset(self.val_idx)
-
-    @property
-    def test(self) -> ArrayData | None:
-        rows = self.test_rows
-        return ArrayData(rows.images, rows.labels) if rows is not None else None
-
-
-def load_splits(cfg: dict[str, Any], dataset: Dataset) -> Splits:
-    """Decode the official splits (cached) and split train into train/val with the config's seed and fraction."""
-    train_rows = decode(cfg, dataset, "train")
-    if train_rows is None:
-        raise DataError(f"dataset {dataset.root}: no images in the official train split; transfer needs them")
-    train_idx, val_idx = train_val_split(train_rows.labels, cfg["val_fraction"], cfg["seed"])
-    return Splits(train_rows, decode(cfg, dataset, "test"), train_idx, val_idx)
 
 
 def init_source(cfg: dict[str, Any]) -> str:
@@ -81,31 +44,18 @@ def init_source(cfg: dict[str, Any]) -> str:
 def build_model(cfg: dict[str, Any], num_classes: int, *, for_resume: bool = False) -> nn.Module:
     """The configured network with a `num_classes`-way head; seeded so the new head's initialisation repeats.
 
-    A resumed run restores every tensor from its checkpoint, so it neither needs nor asks for the weights.
+    A local `weights` file takes precedence over `pretrained` (whose default is true), so the offline remedy is one
+    option; `carsml.init` records what was used. A resumed run restores every tensor from its checkpoint, so it
+    neither needs nor asks for the weights.
     """
     kwargs = model_kwargs(cfg)
+    if cfg.get("weights"):
+        kwargs.pop("pretrained", None)
     if for_resume:
         kwargs.pop("pretrained", None)
         kwargs.pop("weights", None)
     seed_everything(cfg["seed"])
     return create_model(cfg["model"], num_classes, cfg["image_size"], **kwargs)
-
-
-def train_in_run(cfg: dict[str, Any], dataset: Dataset, model: nn.Module, splits: Splits, *,
-                 checkpoint_dir: Path | None = None, resume: bool = False) -> Trained:
-    """Inside the active (transfer) run: record the data and split, then train and log with `fit_and_log`."""
-    run_id = mlflow.active_run().info.run_id
-    if checkpoint_dir is None:
-        checkpoint_dir = cache_root(cfg) / "checkpoints" / run_id
-        mlflow.set_tag("carsml.checkpoint_dir", str(checkpoint_dir))
-    if not resume:
-        log_dataset(dataset, splits.train_rows.table, "train")
-        if splits.test_rows is not None:
-            log_dataset(dataset, splits.test_rows.table, "test")
-        log_csv(membership_table(splits.train_rows.table["fname"], {"train": splits.train_idx, "val": splits.val_idx}),
-                "data/split_membership.csv")
-    return fit_and_log(cfg, model, dataset.class_names, splits.train, splits.val, splits.test,
-                       checkpoint_dir=checkpoint_dir, resume=resume, info_extra={"init": init_source(cfg)})
 
 
 def _run_tags(cfg: dict[str, Any]) -> dict[str, str]:
@@ -117,14 +67,14 @@ def run(cfg: dict[str, Any]) -> Trained:
     setup_tracking()
     checkpoint_dir = None
     if cfg["resume_run_id"]:
-        cfg, checkpoint_dir = _resume_config(cfg)
+        cfg, checkpoint_dir = resume_config(cfg)
     train_config(cfg)  # validate before any work
     dataset = limit_classes(resolve_dataset(cfg), cfg["max_classes"])
     model = build_model(cfg, dataset.num_classes, for_resume=checkpoint_dir is not None)
     with start_run(cfg["entry_point"], cfg, run_name=f"transfer-{cfg['model']}", resume_run_id=cfg["resume_run_id"],
                    tags=_run_tags(cfg)):
         return train_in_run(cfg, dataset, model, load_splits(cfg, dataset), checkpoint_dir=checkpoint_dir,
-                            resume=checkpoint_dir is not None)
+                            resume=checkpoint_dir is not None, info_extra={"init": init_source(cfg)})
 
 
 # --------------------------------------------------------------------------------------------- transfer_all
@@ -163,7 +113,10 @@ def child_config(cfg: dict[str, Any], model: str) -> dict[str, Any]:
 
 
 def _parent_resume(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """For resume_run_id: the parent's original config and its finished children (model -> run id)."""
+    """For resume_run_id: the parent's original config and its finished children (model -> run id).
+
+    Makes the parent's experiment the active one: nested runs are created in the active experiment, which in a
+    fresh process (or under `mlflow run --experiment-name`) would otherwise not be the parent's."""
     run_id = cfg["resume_run_id"]
     client = MlflowClient()
     try:
@@ -174,6 +127,7 @@ def _parent_resume(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]
         raise ConfigError(f"resume_run_id={run_id!r} is a {parent.data.tags.get('carsml.entry_point')!r} run, "
                           f"not 'transfer_all'")
     original = load_config("transfer_all", {**parent.data.params, "resume_run_id": run_id})
+    mlflow.set_experiment(experiment_id=parent.info.experiment_id)
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
     finished = {r.data.tags["carsml.model"]: r.info.run_id for r in children
                 if r.info.status == "FINISHED" and "carsml.model" in r.data.tags}

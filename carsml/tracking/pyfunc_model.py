@@ -89,7 +89,7 @@ class CarsImageClassifier(mlflow.pyfunc.PythonModel):
 
     def format(self, probs: np.ndarray) -> pd.DataFrame:
         """Rows of label / class_id / score / top-5 from probabilities."""
-        top = np.argsort(-probs, axis=1)[:, :5]
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :5]  # ties (forest vote shares) -> lowest class id
         return pd.DataFrame({
             "label": [self.class_names[t[0]] for t in top],
             "class_id": top[:, 0].astype(np.int64),

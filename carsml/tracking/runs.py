@@ -75,8 +75,10 @@ def start_run(
         os.environ.pop("MLFLOW_RUN_ID")
         launched_run = None
     if resume_run_id:
-        MlflowClient().get_run(resume_run_id)  # raises a clear MlflowException for unknown ids
-        active = mlflow.start_run(run_id=resume_run_id)
+        resumed = MlflowClient().get_run(resume_run_id)  # raises a clear MlflowException for unknown ids
+        if not nested:  # children created after a resume must land in the resumed run's experiment
+            mlflow.set_experiment(experiment_id=resumed.info.experiment_id)
+        active = mlflow.start_run(run_id=resume_run_id, nested=nested)
     elif launched_run or nested:
         active = mlflow.start_run(run_name=run_name or entry_point, nested=nested)
     else:
