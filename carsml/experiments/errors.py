@@ -31,6 +31,7 @@ from carsml.config import load_config, options
 from carsml.data.splits import kfold_splits, train_val_split
 from carsml.data.table import Dataset
 from carsml.data.transforms import build_transform
+from carsml.engine.device import AMP_CHOICES, resolve_device
 from carsml.engine.evaluate import EvalResult, evaluate
 from carsml.engine.loader import ArrayData
 from carsml.errors import CarsmlError, ConfigError, DataError
@@ -270,6 +271,13 @@ def check_choice(cfg: dict[str, Any], key: str, choices: tuple[str, ...]) -> str
     return value
 
 
+def check_inference(cfg: dict[str, Any]) -> None:
+    """device, amp and batch_size of an inference entry point, checked before any run exists."""
+    resolve_device(str(cfg["device"]))
+    check_choice(cfg, "amp", AMP_CHOICES)
+    check_positive(cfg, "batch_size")
+
+
 def check_positive(cfg: dict[str, Any], *keys: str) -> None:
     """Each cfg[key] must be an integer >= 1."""
     for key in keys:
@@ -316,17 +324,18 @@ def parse_class_name(name: str) -> CarName:
     return CarName(make, " ".join(rest), body, year)
 
 
-RELATIONS = ("year_only", "body_only", "same_make_model", "same_make", "other")
+RELATIONS = ("year_only", "body_only", "same_make_model", "same_model_line", "same_make", "other")
 
 
 def relation(true_name: str, pred_name: str) -> str:
     """How two class names relate: year_only (all but the year equal), body_only (same make, model and year),
-    same_make_model (body and year both differ), same_make, or other."""
+    same_make_model (body and year both differ), same_model_line (same make and first model word, another variant:
+    "Silverado 1500" / "Silverado 1500 Classic", "Charger" / "Charger SRT-8"), same_make, or other."""
     a, b = parse_class_name(true_name), parse_class_name(pred_name)
     if a.make != b.make:
         return "other"
     if a.model != b.model:
-        return "same_make"
+        return "same_model_line" if a.model.split()[:1] == b.model.split()[:1] else "same_make"
     if a.without_year == b.without_year:
         return "year_only"
     if a.year == b.year:
@@ -368,8 +377,11 @@ def fine_grained_shares(counts: np.ndarray, class_names: list[str]) -> tuple[dic
     metrics["errors_year_only_share"] = share["year_only"]
     metrics["errors_body_only_share"] = share["body_only"]
     metrics["errors_same_make_model_share"] = sum(share[r] for r in within_model)
-    metrics["errors_same_make_share"] = metrics["errors_same_make_model_share"] + share["same_make"]
+    metrics["errors_same_model_line_share"] = metrics["errors_same_make_model_share"] + share["same_model_line"]
+    metrics["errors_same_make_share"] = metrics["errors_same_model_line_share"] + share["same_make"]
+    # the same shares for a classifier that erred uniformly at random: how much the errors concentrate
     metrics["chance_same_make_model_share"] = sum(pair_share[r] for r in within_model)
+    metrics["chance_same_make_share"] = 1.0 - pair_share["other"]
     return metrics, table
 
 
@@ -492,7 +504,8 @@ def run(cfg: dict[str, Any]) -> ErrorReport:
     """Analyse the mistakes of the model `cfg["run_id"]` on its test (or validation) split."""
     setup_tracking()
     split = check_choice(cfg, "split", ("test", "val"))
-    check_positive(cfg, "top_pairs", "gallery", "worst_classes", "zoom_classes", "calibration_bins", "batch_size")
+    check_positive(cfg, "top_pairs", "gallery", "worst_classes", "zoom_classes", "calibration_bins")
+    check_inference(cfg)
     source = load_source(cfg["run_id"])
     plan = plan_data(source, cfg)
     require_split(plan, split)

@@ -17,6 +17,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from carsml.data.splits import kfold_splits, membership_table
+from carsml.engine.device import seed_everything
 from carsml.engine.loader import ArrayData
 from carsml.errors import CarsmlError
 from carsml.experiments.common import cache_root, limit_classes, model_kwargs, resolve_dataset
@@ -73,6 +74,7 @@ def run(cfg: dict[str, Any]) -> pd.DataFrame:
                                  "carsml.model": cfg["model"]}) as fold_run:
                 ckpt = cache_root(cfg) / "checkpoints" / fold_run.info.run_id
                 mlflow.set_tag("carsml.checkpoint_dir", str(ckpt))
+                seed_everything(cfg["seed"] + fold)  # each fold's initial weights repeat
                 model = create_model(cfg["model"], dataset.num_classes, cfg["image_size"], **model_kwargs(cfg))
                 trained = fit_and_log(cfg, model, dataset.class_names, all_train.subset(train_idx),
                                       all_train.subset(val_idx), test, checkpoint_dir=ckpt, resume=resume,

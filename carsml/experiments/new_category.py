@@ -34,6 +34,7 @@ from carsml.data.readers import IMAGE_EXTENSIONS
 from carsml.data.splits import membership_table
 from carsml.data.synthetic import ensure_synthetic
 from carsml.data.table import make_table
+from carsml.engine.device import resolve_device, seed_everything
 from carsml.engine.evaluate import EvalResult, eval_mode, evaluate
 from carsml.engine.loader import ArrayData, iterate_batches
 from carsml.errors import CarsmlError, ConfigError, DataError
@@ -120,15 +121,13 @@ def _sizes(images: list[Path], skip_unreadable: bool) -> tuple[list[Path], list[
 
 
 def split_counts(n: int, test_fraction: float, val_fraction: float, folder: Path) -> tuple[int, int, int]:
-    """(train, val, test) image counts for n images: at least one of each."""
-    n_test = max(1, round(n * test_fraction))
-    n_val = max(1, round((n - n_test) * val_fraction))
-    n_train = n - n_test - n_val
-    if n_train < 1:
-        raise DataError(f"folder={str(folder)!r} has {n} usable image(s); the new class needs at least one "
-                        f"training, one validation and one test image (test_fraction={test_fraction}, "
-                        f"val_fraction={val_fraction}): add images (3 at the very least)")
-    return n_train, n_val, n_test
+    """(train, val, test) image counts for n images: the fractions rounded, but at least one of each."""
+    if n < 3:
+        raise DataError(f"folder={str(folder)!r} has {n} usable image(s); the new class needs at least 3: one "
+                        f"for training, one for validation and one for test (dozens for metrics that mean much)")
+    n_test = min(max(1, round(n * test_fraction)), n - 2)
+    n_val = min(max(1, round((n - n_test) * val_fraction)), n - n_test - 1)
+    return n - n_test - n_val, n_val, n_test
 
 
 def plan_new_class(spec: dict[str, Any], data_cfg: dict[str, Any], existing: list[str]) -> NewClass:
@@ -262,11 +261,13 @@ def warmstart_model(source: Source, new_train: ArrayData, init: str) -> nn.Modul
     return grow_classifier(model, row, bias)
 
 
-def scratch_model(source: Source, num_classes: int) -> nn.Module:
-    """The source architecture with `num_classes` outputs and fresh weights (pretrained ones if the source was)."""
+def scratch_model(source: Source, num_classes: int, seed: int) -> nn.Module:
+    """The source architecture with `num_classes` outputs and fresh weights (pretrained ones if the source was),
+    initialised from `seed` so a rerun starts from the same weights."""
     config = {**source.info["model_config"], "num_classes": num_classes}
     if source.cfg.get("pretrained"):
         config["pretrained"] = True
+    seed_everything(seed)
     return create_model(**config)
 
 
@@ -321,6 +322,7 @@ def run(cfg: dict[str, Any]) -> NewCategoryResult:
     mode = check_choice(cfg, "mode", MODES)
     init = check_choice(cfg, "init", INITS)
     _check_numbers(cfg)
+    resolve_device(str(cfg["device"]))
     source = load_source(cfg["run_id"])
     base = plan_data(source, cfg)
     require_split(base, "test")
@@ -347,7 +349,7 @@ def run(cfg: dict[str, Any]) -> NewCategoryResult:
         source_result = _evaluate_old(source, splits.test, old_label, settings)
         new_train = splits.train.subset(np.flatnonzero(splits.train.targets == old_label))
         model = warmstart_model(source, new_train, init) if mode == "warmstart" else \
-            scratch_model(source, len(plan.class_names))
+            scratch_model(source, len(plan.class_names), int(settings["seed"]))
         checkpoint_dir = cache_root(plan.cfg) / "checkpoints" / active.info.run_id
         info_extra = {"data_cfg": plan.cfg, "added_classes": [a.spec for a in plan.added],
                       "train_cfg": settings, "base_model_uri": source.model_uri, "mode": mode}

@@ -22,6 +22,7 @@ from carsml.data.splits import membership_table, train_val_split
 from carsml.data.table import Dataset
 from carsml.data.transforms import build_transform
 from carsml.engine.callbacks import Callback, RichProgress
+from carsml.engine.device import seed_everything
 from carsml.engine.evaluate import EvalResult, evaluate
 from carsml.engine.loader import ArrayData
 from carsml.engine.train import FitResult, TrainConfig, fit
@@ -260,6 +261,7 @@ def run(cfg: dict[str, Any]) -> Trained:
         cfg, checkpoint_dir = resume_config(cfg)
     train_config(cfg)  # validate before any work
     dataset = limit_classes(resolve_dataset(cfg), cfg["max_classes"])
+    seed_everything(cfg["seed"])  # the initial weights repeat too
     model = create_model(cfg["model"], dataset.num_classes, cfg["image_size"], **model_kwargs(cfg))
     with start_run(cfg["entry_point"], cfg, run_name=f"{cfg['entry_point']}-{cfg['model']}",
                    resume_run_id=cfg["resume_run_id"], tags={"carsml.model": cfg["model"]}):

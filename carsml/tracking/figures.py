@@ -112,3 +112,141 @@ def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str] | None = Non
     ax.set(xlabel="predicted", ylabel="true", title=title or "Confusion matrix (row-normalised)")
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------- model analysis (errors, tta)
+
+
+def _wrap(text: str, width: int = 28) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)) or text
+
+
+def confusion_heatmap(matrix: np.ndarray, class_names: Sequence[str], title: str, *, hide_diagonal: bool = False,
+                      annotate: bool = False) -> Figure:
+    """A confusion heatmap in the order given (e.g. clustered), names on both axes.
+
+    `hide_diagonal` blanks the correct predictions so the errors set the colour scale; `annotate` writes each
+    non-zero cell's value (for small blocks). A square-root colour scale keeps rare confusions visible.
+    """
+    from matplotlib.colors import PowerNorm
+
+    values = np.asarray(matrix, dtype=float).copy()
+    if hide_diagonal:
+        np.fill_diagonal(values, np.nan)
+    n = values.shape[0]
+    size = min(5 + n * 0.13, 32)
+    fig, ax = plt.subplots(figsize=(size, size * 0.92))
+    finite = values[np.isfinite(values)]
+    vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    cmap = plt.get_cmap("magma_r").with_extremes(bad="#d9d9d9")
+    im = ax.imshow(values, cmap=cmap, norm=PowerNorm(0.5, vmin=0, vmax=vmax), interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    # one tick label per row: as large as a row is tall (about 6 pt for 196 classes), so names stay legible
+    fontsize = float(np.clip(size * 0.75 * 72 / max(n, 1) * 0.75, 3, 9))
+    ax.set_xticks(range(n), class_names, rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(n), class_names, fontsize=fontsize)
+    if annotate:
+        for i, j in zip(*np.nonzero(np.nan_to_num(values)), strict=True):
+            v = values[i, j]
+            ax.text(j, i, f"{v:g}", ha="center", va="center", fontsize=max(4, fontsize - 1),
+                    color="white" if v > vmax * 0.5 else "black")
+    ax.set(xlabel="predicted", ylabel="true")
+    ax.set_title(_wrap(title, int(8 * size)), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def bar_chart(labels: Sequence[str], values: Sequence[float], title: str, xlabel: str,
+              annotations: Sequence[str] | None = None, color: str = "tab:red") -> Figure:
+    """Horizontal bars, first label on top (long class names stay readable); optional text after each bar."""
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.32 * max(n, 1)))
+    y = np.arange(n)
+    ax.barh(y, values, color=color)
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.invert_yaxis()
+    for i, text in enumerate(annotations or []):
+        ax.text(values[i], i, f" {text}", va="center", fontsize=7)
+    ax.set(title=title, xlabel=xlabel)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def error_gallery(items: Sequence[tuple[np.ndarray, np.ndarray, str, str, float]], title: str = "",
+                  pairs_per_row: int = 2) -> Figure:
+    """Misclassified images, each beside an example of the class it was mistaken for.
+
+    Each item is (misclassified image, example image of the predicted class, true name, predicted name,
+    confidence of the prediction).
+    """
+    rows = max(1, int(np.ceil(len(items) / pairs_per_row)))
+    cols = 2 * pairs_per_row
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, (image, example, true_name, pred_name, confidence) in enumerate(items):
+        left, right = axes.flat[2 * k], axes.flat[2 * k + 1]
+        left.imshow(image)
+        left.set_title(f"true: {_wrap(true_name)}\npredicted ({confidence:.0%}):\n{_wrap(pred_name)}", fontsize=7,
+                       color="tab:red")
+        right.imshow(example)
+        right.set_title(f"a training image of\n{_wrap(pred_name)}", fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()) if title else None)
+    return fig
+
+
+def confidence_histogram(correct: np.ndarray, wrong: np.ndarray, title: str = "", bins: int = 20) -> Figure:
+    """Histogram of the top-1 confidence of correct and wrong predictions."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    edges = np.linspace(0, 1, bins + 1)
+    ax.hist(correct, bins=edges, alpha=0.6, color="tab:green", label=f"correct ({len(correct)})")
+    ax.hist(wrong, bins=edges, alpha=0.6, color="tab:red", label=f"wrong ({len(wrong)})")
+    ax.set(xlabel="confidence (top-1 probability)", ylabel="images", title=title or "Confidence")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def reliability_diagram(table: pd.DataFrame, ece: float, title: str = "") -> Figure:
+    """Accuracy vs confidence per bin (columns lo, hi, count, confidence, accuracy), with the gap shaded."""
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5.5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    width = table["hi"] - table["lo"]
+    centres = (table["lo"] + table["hi"]) / 2
+    filled = table["count"] > 0
+    acc, conf = table.loc[filled, "accuracy"], table.loc[filled, "confidence"]
+    ax.bar(centres[filled], acc, width=width[filled], edgecolor="black", color="tab:blue", label="accuracy")
+    # the gap between accuracy and mean confidence, hatched (no fill) so it reads the same above or below the bar
+    ax.bar(centres[filled], (conf - acc).abs(), bottom=np.minimum(acc, conf), width=width[filled], fill=False,
+           hatch="//", edgecolor="tab:red", label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    ax.set(ylabel="accuracy", title=title or f"Reliability diagram (ECE {ece:.3f})", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left")
+    ax_n.bar(centres, table["count"], width=width, color="tab:gray")
+    ax_n.set(xlabel="confidence", ylabel="images")
+    fig.tight_layout()
+    return fig
+
+
+def tta_summary(accuracies: dict[str, float], view_accuracies: np.ndarray, title: str = "") -> Figure:
+    """Accuracy without and with test-time augmentation (bars) and the accuracy of each single view."""
+    fig, (ax, ax_v) = plt.subplots(1, 2, figsize=(11, 4))
+    names, values = list(accuracies), list(accuracies.values())
+    ax.bar(names, values, color=["tab:gray", *["tab:blue"] * (len(values) - 1)])
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.2%}", ha="center", va="bottom")
+    ax.set(ylabel="accuracy", title="Accuracy", ylim=(0, min(1.0, max(values) * 1.15 + 0.01)))
+    ax_v.plot(np.arange(len(view_accuracies)), view_accuracies, marker="o", markersize=3)
+    if "no TTA" in accuracies:
+        ax_v.axhline(accuracies["no TTA"], color="tab:gray", linestyle="--", label="no TTA")
+        ax_v.legend()
+    ax_v.set(xlabel="view", ylabel="accuracy of that view alone", title="Single views")
+    ax_v.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,170 @@
+"""new_category (study row 9): add BIG_TRUCKS to the shared trained run, warm-started and from scratch; the logged
+pyfunc model names the new class; errors analyses the grown model; bad folders and options are refused first."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from carsml.cli import run_experiment
+from carsml.errors import ConfigError, DataError
+from carsml.experiments.new_category import grow_classifier, split_counts
+from carsml.models.factory import create_model
+from carsml.tracking.models import load_model
+
+FAST = {"device": "cpu", "epochs": 2}
+
+
+def _csv(run_id: str, path: str) -> pd.DataFrame:
+    return pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path))
+
+
+def _served_labels(run_id: str, role: str = "test") -> list[str]:
+    """What the logged pyfunc model (as `mlflow models serve` runs it) says about the new class's images."""
+    run = MlflowClient().get_run(run_id)
+    split = _csv(run_id, "data/new_class_split.csv")
+    folder = Path(run.data.params["new_class_folder"])
+    images = [base64.b64encode((folder / f).read_bytes()).decode() for f in split.loc[split["role"] == role, "fname"]]
+    model = mlflow.pyfunc.load_model(run.data.tags["carsml.model_uri"])
+    return model.predict(pd.DataFrame({"image": images}))["label"].tolist()
+
+
+def _run_count() -> int:
+    client = MlflowClient()
+    return len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+
+
+def test_warmstart_adds_the_class_and_serves_its_name(trained_run: str) -> None:
+    result = run_experiment("new_category", {"run_id": trained_run, "mode": "warmstart", **FAST})
+    run = MlflowClient().get_run(result.run_id)
+    m = run.data.metrics
+    source = MlflowClient().get_run(trained_run)
+    assert run.info.status == "FINISHED" and run.data.tags["carsml.source_run_id"] == trained_run
+    _, info = load_model(result.run_id)
+    source_names = load_model(trained_run)[1]["class_names"]
+    assert info["class_names"] == [*source_names, "BIG_TRUCKS"] and info["model_config"]["num_classes"] == 7
+    # trained through fit_and_log: per-epoch curves, confusion matrix and the model like any training run
+    assert [h.step for h in MlflowClient().get_metric_history(result.run_id, "val_acc")] == [1, 2]
+    assert {"figures/curves.png", "figures/confusion_matrix_test.png"} <= {
+        a.path for a in MlflowClient().list_artifacts(result.run_id, "figures")}
+    # the new class: 100 synthetic trucks split 40 / 10 / 50 (test_fraction 0.5, val_fraction 0.2 of the rest)
+    assert (m["new_class_train_images"], m["new_class_val_images"], m["new_class_test_images"]) == (40, 10, 50)
+    assert m["new_class_acc"] == m["new_class_recall"] >= 0.8
+    assert 0 < m["new_class_precision"] <= 1
+    # the old classes: the source's own test accuracy on the same images, and what warm-starting kept of it
+    assert m["old_class_acc_source"] == pytest.approx(source.data.metrics["test_acc"], abs=0.01)
+    assert m["forgetting"] == pytest.approx(m["old_class_acc_source"] - m["old_class_acc"])
+    assert m["old_class_acc"] > 1 / 6  # far above chance: the old classes were not wiped out
+    confusions = _csv(result.run_id, "tables/new_class_confusions.csv")
+    assert confusions.loc[confusions["direction"] == "BIG_TRUCKS taken for", "count"].sum() == \
+        m["new_class_false_negatives"]
+    assert confusions.loc[confusions["direction"] == "taken for BIG_TRUCKS", "count"].sum() == \
+        m["new_class_false_positives"]
+    assert set(confusions["class_name"]) <= set(source_names)
+    served = _served_labels(result.run_id)
+    assert served.count("BIG_TRUCKS") >= 0.8 * len(served)
+
+    # the grown model is analysed like any other: errors rebuilds the extended data from its bundle
+    report = run_experiment("errors", {"run_id": result.run_id, "device": "cpu", "gallery": 2})
+    assert report.metrics["test_images"] == 120 + 50
+    assert report.metrics["test_acc"] == pytest.approx(MlflowClient().get_run(result.run_id).data.metrics["test_acc"],
+                                                       abs=1.5 / 170)
+
+
+def test_scratch_retrains_the_source_architecture(trained_run: str) -> None:
+    result = run_experiment("new_category", {"run_id": trained_run, "mode": "scratch", **FAST})
+    run = MlflowClient().get_run(result.run_id)
+    m = run.data.metrics
+    _, info = load_model(result.run_id)
+    _, source_info = load_model(trained_run)
+    assert {**info["model_config"], "num_classes": 6} == source_info["model_config"]  # same architecture, +1 output
+    assert info["class_names"][-1] == "BIG_TRUCKS" and run.data.params["effective_epochs"] == "2"
+    assert run.data.params["effective_lr"] == str(float(MlflowClient().get_run(trained_run).data.params["lr"]))
+    for key in ("new_class_acc", "new_class_precision", "new_class_recall", "old_class_acc", "forgetting",
+                "test_acc"):
+        assert 0 <= m[key] <= 1 or key == "forgetting"
+    served = _served_labels(result.run_id)
+    assert served.count("BIG_TRUCKS") >= 0.8 * len(served)
+
+
+def test_grown_classifier_keeps_the_old_outputs() -> None:
+    model = create_model("improved_cnn", 4, 32, head_widths=(16,)).eval()
+    x = torch.rand(3, 3, 32, 32)
+    before = model(x).detach()
+    row = torch.full((16,), 0.25)
+    grow_classifier(model, row, -1.0)
+    after = model(x).detach()
+    assert after.shape == (3, 5) and model.num_classes == 5
+    assert torch.allclose(after[:, :4], before, atol=1e-6)
+    assert torch.equal(model.get_classifier().weight[4], row) and model.get_classifier().bias[4] == -1.0
+
+
+def test_split_counts() -> None:
+    assert split_counts(100, 0.5, 0.2, Path("x")) == (40, 10, 50)
+    assert split_counts(3, 0.5, 0.2, Path("x")) == (1, 1, 1)
+    with pytest.raises(DataError, match="has 2 usable image"):
+        split_counts(2, 0.5, 0.2, Path("x"))
+
+
+def _jpegs(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((20, 30, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.jpg")
+    return folder
+
+
+@pytest.mark.parametrize("case, error, fragment", [
+    ("empty", DataError, "is empty"),
+    ("not_images", DataError, "holds no images: 2 file"),
+    ("fake_jpeg", DataError, "not readable images"),
+    ("too_few", DataError, "has 2 usable image"),
+    ("missing", DataError, "no such folder"),
+    ("existing_name", ConfigError, "already exists"),
+    ("empty_name", ConfigError, "class_name: expected the name"),
+    ("bad_mode", ConfigError, "'mode': expected one of scratch, warmstart"),
+    ("bad_init", ConfigError, "'init': expected one of imprint, mean"),
+    ("bad_fraction", ConfigError, "test_fraction: expected a fraction"),
+    ("bad_epochs", ConfigError, "'epochs': expected a number >= 0"),
+])
+def test_bad_input_is_refused_before_a_run(trained_run: str, tmp_path: Path, case: str, error: type,
+                                           fragment: str) -> None:
+    folder = tmp_path / "new"
+    overrides: dict = {"run_id": trained_run, "device": "cpu", "folder": str(_jpegs(folder, 5))}
+    if case == "empty":
+        for f in folder.iterdir():
+            f.unlink()
+    elif case == "not_images":
+        overrides["folder"] = str(tmp_path / "docs")
+        (tmp_path / "docs").mkdir()
+        (tmp_path / "docs" / "a.txt").write_text("hello")
+        (tmp_path / "docs" / "b.csv").write_text("x,y")
+    elif case == "fake_jpeg":
+        (folder / "notes.jpg").write_text("not an image")
+    elif case == "too_few":
+        overrides["folder"] = str(_jpegs(tmp_path / "two", 2))
+    elif case == "missing":
+        overrides["folder"] = str(tmp_path / "nowhere")
+    elif case == "existing_name":
+        overrides["class_name"] = load_model(trained_run)[1]["class_names"][2]
+    elif case == "empty_name":
+        overrides["class_name"] = "  "
+    elif case == "bad_mode":
+        overrides["mode"] = "finetune"
+    elif case == "bad_init":
+        overrides["init"] = "zeros"
+    elif case == "bad_fraction":
+        overrides["test_fraction"] = 1.0
+    elif case == "bad_epochs":
+        overrides["epochs"] = -1
+    before = _run_count()
+    with pytest.raises(error, match=fragment):
+        run_experiment("new_category", overrides)
+    assert _run_count() == before
