@@ -3,6 +3,7 @@ the synthetic datasets are shared per session (generated once)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,14 @@ SHARED_DATA = REPO.parent / "shared" / "data" / "stanford_cars"
 # a tiny configuration that exercises the real code paths in seconds
 TINY = {"synth_classes": 4, "synth_images_per_class": 16, "image_size": 32, "head_widths": "64,32",
         "epochs": 2, "batch_size": 32, "device": "cpu"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # With pytest-xdist each worker process gets one core's worth of torch threads (2 workers on 2 cores).
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 @pytest.fixture(scope="session")
