@@ -112,7 +112,7 @@ def test_resume_of_unknown_run_or_missing_checkpoint(tmp_path: Path) -> None:
     run_experiment("improved", {**TINY, "epochs": 1, "log_model": False})
     (run,) = _runs()
     ckpt = Path(run.data.tags["carsml.checkpoint_dir"]) / "last.pt"
-    ckpt.unlink()
+    assert not ckpt.parent.exists()  # a finished run's checkpoints are removed unless keep_checkpoints
     with pytest.raises(CarsmlError, match="no checkpoint"):
         run_experiment("improved", {**TINY, "resume_run_id": run.info.run_id})
     with pytest.raises(ConfigError, match="is a 'improved' run, not 'baseline'"):

@@ -135,7 +135,7 @@ def test_weights_file_loads_the_backbone_replaces_the_head_and_trains(tmp_path: 
     torch.save(source.state_dict(), file)
     # pretrained keeps its default (true): the local file takes precedence, so offline this is the one option to add
     cfg = {**SMALL, "pretrained": True, "model": "resnet18", "weights": str(file), "freeze_backbone_epochs": 1,
-           "experiment_name": experiment}
+           "experiment_name": experiment, "keep_checkpoints": True}
     run_experiment("transfer", cfg)
     (run,) = _runs(experiment)
     assert run.info.status == "FINISHED" and run.data.tags["carsml.init"] == f"weights:{file}"

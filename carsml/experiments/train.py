@@ -165,7 +165,8 @@ def fit_and_log(
         examples = np.asarray(test.images[:2] if test is not None else val.images[:2])
         info = info_for(model, class_names, cfg["image_size"], source_run_id=run_id, **(info_extra or {}))
         model_uri = log_model(model.cpu(), info, examples)
-    if checkpoint_dir is not None:  # finished: the run holds the best model; checkpoints only serve a resume
+    if checkpoint_dir is not None and not cfg.get("keep_checkpoints", False):
+        # finished: the run holds the best model; checkpoints (GBs for large nets) only serve a resume
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return Trained(result, test_result, finals, history, model_uri)
 
