@@ -39,7 +39,8 @@ def test_default_tta_logs_both_aggregations_and_keeps_accuracy(trained_run: str)
     assert m["test_acc_tta"] == m["test_acc_tta_mean"]  # the default aggregation
     assert m["tta_delta_mean"] == pytest.approx(m["test_acc_tta_mean"] - m["test_acc_no_tta"])
     assert m["tta_delta_vote"] == pytest.approx(m["test_acc_tta_vote"] - m["test_acc_no_tta"])
-    assert m["test_acc_tta_mean"] >= m["test_acc_no_tta"] - TOLERANCE_IMAGES / n
+    # in whole images, so float rounding cannot decide it: at most TOLERANCE_IMAGES more broken than fixed
+    assert round((m["test_acc_tta_mean"] - m["test_acc_no_tta"]) * n) >= -TOLERANCE_IMAGES
     assert m["tta_fixed"] - m["tta_broken"] == pytest.approx(m["tta_delta"] * n)
     assert 0 < m["tta_mcnemar_p"] <= 1
 
