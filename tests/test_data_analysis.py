@@ -12,6 +12,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from carsml.cli import run_experiment
+from carsml.data.cache import build_cache
+from carsml.data.readers import load_dataset
 from tests.conftest import TINY
 
 
@@ -73,3 +75,9 @@ def test_real_sample_jpegs_in_class_folders(shared_data: Path, tmp_path: Path) -
     assert m["box_area_fraction_mean"] == pytest.approx(1.0)  # whole-image boxes for plain class folders
     assert m["image_width_median"] > 100  # real JPEGs of varying sizes
     assert run.data.tags["carsml.data_layout"] == "class_folders"
+    # the same real JPEGs through the decoded cache that training reads
+    dataset = load_dataset(root)
+    decoded = build_cache(dataset.table, 40, cache_dir=tmp_path / "cache")
+    assert decoded.images.shape == (236, 40, 40, 3) and not decoded.skipped
+    assert sorted(decoded.labels.tolist()) == sorted(dataset.table["label"].tolist())
+    assert decoded.images.reshape(236, -1).std(axis=1).min() > 5  # every crop holds real pixels
