@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,17 +255,29 @@ def train_in_run(cfg: dict[str, Any], dataset: Dataset, model: Any, splits: Spli
                        checkpoint_dir=checkpoint_dir, resume=resume, info_extra=info_extra)
 
 
-def run(cfg: dict[str, Any]) -> Trained:
-    """Train one network on a stratified train/val split of the official train set; report the official test split."""
+def build_model(cfg: dict[str, Any], num_classes: int, *, for_resume: bool = False) -> Any:
+    """The configured network, seeded so its initial weights repeat (a resume restores them from the checkpoint)."""
+    seed_everything(cfg["seed"])
+    return create_model(cfg["model"], num_classes, cfg["image_size"], **model_kwargs(cfg))
+
+
+def run(cfg: dict[str, Any], *, build: Callable[..., Any] = build_model,
+        extra_tags: Callable[[dict[str, Any]], dict[str, str]] = lambda cfg: {}) -> Trained:
+    """Train one network on a stratified train/val split of the official train set; report the official test split.
+
+    `build(cfg, num_classes, for_resume=...)` makes the network and `extra_tags(cfg)` adds run tags (and model-bundle
+    extras): the transfer entry point is this same function with its own model builder.
+    """
     setup_tracking()
     checkpoint_dir = None
     if cfg["resume_run_id"]:
         cfg, checkpoint_dir = resume_config(cfg)
     train_config(cfg)  # validate before any work
     dataset = limit_classes(resolve_dataset(cfg), cfg["max_classes"])
-    seed_everything(cfg["seed"])  # the initial weights repeat too
-    model = create_model(cfg["model"], dataset.num_classes, cfg["image_size"], **model_kwargs(cfg))
+    model = build(cfg, dataset.num_classes, for_resume=checkpoint_dir is not None)
+    tags = extra_tags(cfg)
     with start_run(cfg["entry_point"], cfg, run_name=f"{cfg['entry_point']}-{cfg['model']}",
-                   resume_run_id=cfg["resume_run_id"], tags={"carsml.model": cfg["model"]}):
+                   resume_run_id=cfg["resume_run_id"], tags={"carsml.model": cfg["model"], **tags}):
         return train_in_run(cfg, dataset, model, load_splits(cfg, dataset), checkpoint_dir=checkpoint_dir,
-                            resume=checkpoint_dir is not None)
+                            resume=checkpoint_dir is not None,
+                            info_extra={k.removeprefix("carsml."): v for k, v in tags.items()} or None)

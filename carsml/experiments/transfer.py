@@ -23,8 +23,9 @@ from torch import nn
 from carsml.config import load_config, options
 from carsml.engine.device import seed_everything
 from carsml.errors import CarsmlError, ConfigError
+from carsml.experiments import train
 from carsml.experiments.common import limit_classes, model_kwargs, resolve_dataset
-from carsml.experiments.train import Trained, load_splits, resume_config, train_config, train_in_run
+from carsml.experiments.train import Trained, load_splits, train_config, train_in_run
 from carsml.models.factory import create_model
 from carsml.tracking.runs import setup_tracking, start_run
 
@@ -64,17 +65,7 @@ def _run_tags(cfg: dict[str, Any]) -> dict[str, str]:
 
 def run(cfg: dict[str, Any]) -> Trained:
     """Fine-tune `model` (pretrained, from `weights`, or random) on a stratified train/val split; report test."""
-    setup_tracking()
-    checkpoint_dir = None
-    if cfg["resume_run_id"]:
-        cfg, checkpoint_dir = resume_config(cfg)
-    train_config(cfg)  # validate before any work
-    dataset = limit_classes(resolve_dataset(cfg), cfg["max_classes"])
-    model = build_model(cfg, dataset.num_classes, for_resume=checkpoint_dir is not None)
-    with start_run(cfg["entry_point"], cfg, run_name=f"transfer-{cfg['model']}", resume_run_id=cfg["resume_run_id"],
-                   tags=_run_tags(cfg)):
-        return train_in_run(cfg, dataset, model, load_splits(cfg, dataset), checkpoint_dir=checkpoint_dir,
-                            resume=checkpoint_dir is not None, info_extra={"init": init_source(cfg)})
+    return train.run(cfg, build=build_model, extra_tags=lambda cfg: {"carsml.init": init_source(cfg)})
 
 
 # --------------------------------------------------------------------------------------------- transfer_all
