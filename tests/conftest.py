@@ -83,3 +83,22 @@ def trained_run(trained_store: dict[str, str], monkeypatch: pytest.MonkeyPatch) 
     """Run id of the shared trained `improved` run; the test's tracking URI points at its store."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", trained_store["uri"])
     return trained_store["run_id"]
+
+
+@pytest.fixture(scope="module")
+def module_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One tracking store for a test module (creating an SQLite store takes seconds); tests use their own experiment."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('module-store')}/mlflow.db"
+    MlflowClient(uri).search_experiments()  # creates the schema once
+    return uri
+
+
+def use_module_store(store: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, prefix: str) -> str:
+    """Point this test at the module's store; return an experiment name of its own."""
+    from carsml.tracking.runs import setup_tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    setup_tracking()  # mlflow keeps the URI it was last given; follow this test's MLFLOW_TRACKING_URI
+    return prefix + "".join(c if c.isalnum() else "-" for c in request.node.name)

@@ -27,7 +27,7 @@ from carsml.experiments.common import resolve_dataset
 from carsml.experiments.features_rf import Features, best_transfer_run, check_backbone
 from carsml.experiments.train import decode
 from carsml.tracking.models import SIGNATURE, download_bundle, encode_image
-from carsml.tracking.runs import setup_tracking
+from tests.conftest import use_module_store
 
 SOURCE_EXPERIMENT = "features"
 # 5 synthetic classes x 20 images at 32 px; two epochs of resnet50 in float32 on the CPU
@@ -37,18 +37,14 @@ FAST = {"device": "cpu", "n_jobs": 1, "n_estimators": 30}
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    uri = f"sqlite:///{tmp_path_factory.mktemp('features-store')}/mlflow.db"
-    MlflowClient(uri).search_experiments()  # creates the schema once
-    return uri
+def store(module_store: str) -> str:
+    return module_store
 
 
 @pytest.fixture(autouse=True)
 def experiment(isolated: Path, store: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
     """This test's own experiment in the module's store."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    setup_tracking()  # mlflow keeps the URI it was last given; follow this test's MLFLOW_TRACKING_URI
-    return "f-" + "".join(c if c.isalnum() else "-" for c in request.node.name)
+    return use_module_store(store, monkeypatch, request, "f-")
 
 
 @pytest.fixture(scope="module")

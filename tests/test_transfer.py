@@ -28,8 +28,7 @@ from carsml.experiments.train import epoch_key
 from carsml.experiments.transfer import STUDY_MODELS, build_model, parse_models
 from carsml.models.factory import resolve_data_config
 from carsml.tracking.models import load_model
-from carsml.tracking.runs import setup_tracking
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, TINY, use_module_store
 
 ENGINE_EPOCH_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "epoch_seconds",
                      "images_per_second")
@@ -40,19 +39,14 @@ SMALL_MODELS = "efficientnet_b0,resnet18"
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One tracking store for the module (creating an SQLite store takes seconds); tests use their own experiment."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('transfer-store')}/mlflow.db"
-    MlflowClient(uri).search_experiments()  # creates the schema once
-    return uri
+def store(module_store: str) -> str:
+    return module_store
 
 
 @pytest.fixture(autouse=True)
 def experiment(isolated: Path, store: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
     """This test's own experiment in the module's store."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    setup_tracking()  # mlflow keeps the URI it was last given; follow this test's MLFLOW_TRACKING_URI
-    return "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name)
+    return use_module_store(store, monkeypatch, request, "t-")
 
 
 @pytest.fixture
