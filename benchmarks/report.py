@@ -22,15 +22,16 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} torch threads, {device}, torch {torch.__version__}"
 
 
-def write_section(name: str, body: str) -> Path:
-    """Replace (or append) the section `name` of docs/performance.md."""
-    text = PERFORMANCE_MD.read_text() if PERFORMANCE_MD.exists() else HEADER
+def write_section(name: str, body: str, path: Path = PERFORMANCE_MD, header: str = HEADER) -> Path:
+    """Replace (or append) the section `name` of `path` (docs/performance.md unless given); `header` starts a new
+    file."""
+    text = path.read_text() if path.exists() else header
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     block = f"{start}\n{body.strip()}\n{end}"
     if start in text:
         text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    PERFORMANCE_MD.parent.mkdir(parents=True, exist_ok=True)
-    PERFORMANCE_MD.write_text(text)
-    return PERFORMANCE_MD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path

@@ -16,12 +16,63 @@ TINY = {"synth_classes": 4, "synth_images_per_class": 16, "image_size": 32, "hea
         "epochs": 2, "batch_size": 32, "device": "cpu"}
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # With pytest-xdist each worker process gets one core's worth of torch threads (2 workers on 2 cores).
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        import torch
+# What a different machine of this kind can change, applied to the whole suite to check that no verdict hangs on it:
+#   CARSML_TEST_VARIANT="amp=off,threads=2,seed=7" pytest -n 2
+# amp      the mixed-precision default of every in-process run (`auto`, i.e. bf16 on CPU, unless set): off | bf16 | auto
+# threads  torch intra-op threads per test process (default: the cores shared out among the xdist workers)
+# seed     the seed of the shared trained fixtures (and TINY runs): another model, other mistakes
+# docs/testing.md lists the variants CI-equivalent runs were checked under.
+VARIANT_KEYS = {"amp": ("auto", "off", "bf16"), "threads": None, "seed": None}
 
+
+def parse_variant(text: str) -> dict[str, str]:
+    """`key=value,key=value` of CARSML_TEST_VARIANT, checked (an unknown key or value stops the run)."""
+    variant: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        choices = VARIANT_KEYS.get(key, ())
+        if not sep or key not in VARIANT_KEYS or (choices and value not in choices) or (
+                choices is None and not value.isdigit()):
+            raise pytest.UsageError(f"CARSML_TEST_VARIANT: bad item {item!r}; expected amp=auto|off|bf16, "
+                                    f"threads=<int>, seed=<int>, comma-separated")
+        variant[key] = value
+    return variant
+
+
+VARIANT = parse_variant(os.environ.get("CARSML_TEST_VARIANT", ""))
+
+
+def _apply_amp_variant(amp: str) -> None:
+    """Make `amp` the default of every in-process run, before any test module binds `load_config`."""
+    from carsml import config
+
+    load_config = config.load_config
+
+    def with_variant(name: str, overrides: dict | None = None, **kwargs: bool) -> dict:
+        cfg = load_config(name, overrides, **kwargs)
+        if cfg.get("amp") == "auto" and "amp" not in (overrides or {}):
+            cfg["amp"] = amp
+        return cfg
+
+    config.load_config = with_variant
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    if "threads" in VARIANT:
+        torch.set_num_threads(int(VARIANT["threads"]))
+    elif os.environ.get("PYTEST_XDIST_WORKER"):
+        # With pytest-xdist each worker process gets one core's worth of torch threads (2 workers on 2 cores).
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    if VARIANT.get("amp", "auto") != "auto":
+        _apply_amp_variant(VARIANT["amp"])
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    import torch
+
+    return f"carsml test variant: {VARIANT or 'default'} (torch threads {torch.get_num_threads()})"
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +126,8 @@ def trained_store(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> 
 # the shared trained run: 6 classes, 32 px, small head; 30 epochs reach ~80% test accuracy (10 gave ~45%, too
 # close to chance for analyses such as TTA to be meaningful)
 TRAINED_RUN = {"synth_classes": 6, "synth_images_per_class": 40, "image_size": 32, "head_widths": "128,64",
-               "epochs": 30, "batch_size": 16, "lr": 0.001}
+               "epochs": 30, "batch_size": 16, "lr": 0.001,
+               **({"seed": int(VARIANT["seed"])} if "seed" in VARIANT else {})}
 
 
 @pytest.fixture

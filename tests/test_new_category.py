@@ -21,6 +21,12 @@ from carsml.models.factory import create_model
 from carsml.tracking.models import load_model
 
 FAST = {"device": "cpu", "epochs": 2}
+# Warm-starting (imprinted row + 2 epochs) learns the trucks on every machine variant measured by
+# benchmarks/fixture_margins.py (docs/testing.md): new-class recall 0.84-0.98, precision 0.70-0.82, through the fp32
+# pyfunc 0.82-0.98. The thresholds sit far below those minima and far above what a degenerate model gets (predicting
+# BIG_TRUCKS for everything: recall 1.0 but precision 50 / 170 = 0.29; never predicting it: recall 0).
+MIN_WARMSTART_RECALL = 0.5
+MIN_WARMSTART_PRECISION = 0.5
 
 
 def _csv(run_id: str, path: str) -> pd.DataFrame:
@@ -57,8 +63,8 @@ def test_warmstart_adds_the_class_and_serves_its_name(trained_run: str) -> None:
         a.path for a in MlflowClient().list_artifacts(result.run_id, "figures")}
     # the new class: 100 synthetic trucks split 40 / 10 / 50 (test_fraction 0.5, val_fraction 0.2 of the rest)
     assert (m["new_class_train_images"], m["new_class_val_images"], m["new_class_test_images"]) == (40, 10, 50)
-    assert m["new_class_acc"] == m["new_class_recall"] >= 0.8
-    assert 0 < m["new_class_precision"] <= 1
+    assert m["new_class_acc"] == m["new_class_recall"] >= MIN_WARMSTART_RECALL
+    assert MIN_WARMSTART_PRECISION <= m["new_class_precision"] <= 1
     # the old classes: the source's own test accuracy on the same images, and what warm-starting kept of it
     assert m["old_class_acc_source"] == pytest.approx(source.data.metrics["test_acc"], abs=0.01)
     assert m["forgetting"] == pytest.approx(m["old_class_acc_source"] - m["old_class_acc"])
@@ -70,7 +76,7 @@ def test_warmstart_adds_the_class_and_serves_its_name(trained_run: str) -> None:
         m["new_class_false_positives"]
     assert set(confusions["class_name"]) <= set(source_names)
     served = _served_labels(result.run_id)
-    assert served.count("BIG_TRUCKS") >= 0.8 * len(served)
+    assert served.count("BIG_TRUCKS") >= MIN_WARMSTART_RECALL * len(served)
 
     # the grown model is analysed like any other: errors rebuilds the extended data from its bundle
     report = run_experiment("errors", {"run_id": result.run_id, "device": "cpu", "gallery": 2})
@@ -80,6 +86,10 @@ def test_warmstart_adds_the_class_and_serves_its_name(trained_run: str) -> None:
 
 
 def test_scratch_retrains_the_source_architecture(trained_run: str) -> None:
+    # Two epochs from scratch teach the network little beyond the largest class (the trucks: measured on every machine
+    # variant, it labels every test image BIG_TRUCKS, docs/testing.md), so this test checks the mechanism — the
+    # source's architecture and settings with fresh weights, metrics that agree with the logged tables and the served
+    # model — not how well it learned.
     result = run_experiment("new_category", {"run_id": trained_run, "mode": "scratch", **FAST})
     run = MlflowClient().get_run(result.run_id)
     m = run.data.metrics
@@ -91,8 +101,18 @@ def test_scratch_retrains_the_source_architecture(trained_run: str) -> None:
     for key in ("new_class_acc", "new_class_precision", "new_class_recall", "old_class_acc", "forgetting",
                 "test_acc"):
         assert 0 <= m[key] <= 1 or key == "forgetting"
+    # fresh weights: the scratch model is not the source model with a row added
+    model, _ = load_model(result.run_id)
+    source_model, _ = load_model(trained_run)
+    first = next(name for name, p in source_model.state_dict().items() if p.ndim == 4)
+    assert not torch.equal(model.state_dict()[first], source_model.state_dict()[first])
+    # precision and recall are the logged confusions' counts
+    n_new, fn, fp = m["new_class_test_images"], m["new_class_false_negatives"], m["new_class_false_positives"]
+    assert m["new_class_recall"] == pytest.approx((n_new - fn) / n_new)
+    if n_new - fn + fp:
+        assert m["new_class_precision"] == pytest.approx((n_new - fn) / (n_new - fn + fp))
     served = _served_labels(result.run_id)
-    assert served.count("BIG_TRUCKS") >= 0.8 * len(served)
+    assert len(served) == n_new and set(served) <= set(info["class_names"])
 
 
 def test_grown_classifier_keeps_the_old_outputs() -> None:

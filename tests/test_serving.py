@@ -1,5 +1,6 @@
 """`mlflow models serve` of the promoted models: real JPEGs in, labels and top-5 out; every bad payload is a 4xx with
-a clear message and the server keeps answering.
+a clear message (each bad request is its own test case) and the server keeps answering; a request mixing good and
+bad rows is refused as a whole, naming the bad rows.
 
 One module-wide store holds a tiny resnet50 transfer run, its RandomForest head and the promotion; one server per
 registered model (`models:/<name>@champion`) runs on a free 127.0.0.1 port and is always stopped.
@@ -16,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,36 +155,67 @@ def test_served_model_matches_the_registered_pyfunc(servers: dict[str, Server], 
     assert [r["score"] for r in served] == pytest.approx(list(local["score"]), abs=1e-5)
 
 
-BAD_PAYLOADS = {
-    "invalid base64": (frame(["not base64 !!!"]), 400, "not valid base64"),
-    "not an image": (frame([base64.b64encode(b"just some text, not a JPEG").decode()]), 400,
-                     "not a readable JPEG/PNG image"),
-    "missing image column": (frame(["aGVsbG8="], column="picture"), 400, "missing inputs ['image']"),
-    "empty frame": ({"dataframe_split": {"columns": ["image"], "data": []}}, 400, "input frame is empty"),
-    "null image": (frame([None]), 400, "must be a non-empty base64 string"),
-    "too many pixels": (frame([png(8000, 6000, mode="1")]), 400, f"more than {MAX_PIXELS:,} pixels"),
-    "decompression bomb": (frame([png(20000, 10000, mode="1")]), 400, f"more than {MAX_PIXELS:,} pixels"),
+def too_big() -> str:
+    """Base64 of random bytes just over MAX_IMAGE_BYTES (built per use: ~28 MB of text)."""
+    return base64.b64encode(os.urandom(MAX_IMAGE_BYTES + 1024)).decode("ascii")
+
+
+GOOD_AND_BAD = [png(24, 16), "not base64 !!!", png(16, 24)]  # one bad row among good ones refuses the whole request
+MIXED_MESSAGE = ("1 of 3 row(s) have a bad `image` (row 1); the request was refused as a whole, nothing was predicted: "
+                 "row 1: `image` is not valid base64")
+
+# case -> (Server.post keyword arguments, built when the case runs; expected status; fragment of the message)
+BAD_REQUESTS: dict[str, tuple[Callable[[], dict[str, Any]], int, str]] = {
+    "invalid base64": (lambda: {"payload": frame(["not base64 !!!"])}, 400, "row 0: `image` is not valid base64"),
+    "not an image": (lambda: {"payload": frame([base64.b64encode(b"just some text, not a JPEG").decode()])}, 400,
+                     "row 0: `image` bytes are not a readable JPEG/PNG image"),
+    "missing image column": (lambda: {"payload": frame(["aGVsbG8="], column="picture")}, 400,
+                             "missing inputs ['image']"),
+    "empty frame": (lambda: {"payload": {"dataframe_split": {"columns": ["image"], "data": []}}}, 400,
+                    "input frame is empty"),
+    "null image": (lambda: {"payload": frame([None])}, 400, "row 0: `image` must be a non-empty base64 string"),
+    "too many pixels": (lambda: {"payload": frame([png(8000, 6000, mode="1")])}, 400,
+                        f"row 0: image is 8000x6000, more than {MAX_PIXELS:,} pixels"),
+    "decompression bomb": (lambda: {"payload": frame([png(20000, 10000, mode="1")])}, 400,
+                           f"more than {MAX_PIXELS:,} pixels"),
+    "good and bad rows mixed": (lambda: {"payload": frame(GOOD_AND_BAD)}, 400, MIXED_MESSAGE),
+    "several bad rows": (lambda: {"payload": frame([None, GOOD_AND_BAD[0], "%%%"])}, 400,
+                         "2 of 3 row(s) have a bad `image` (row 0, 2)"),
+    "image too big": (lambda: {"payload": frame([too_big()])}, 400, "row 0: image is larger than 20 MiB"),
+    "wrong content type": (lambda: {"data": "image=...", "content_type": "text/plain"}, 415,
+                           "This predictor only supports the following content types"),
+    "body not JSON": (lambda: {"data": "{not json"}, 400, "valid JSON"),
 }
 
 
-def test_bad_payloads_are_4xx_with_a_clear_message_and_the_server_keeps_answering(
+def message(response: requests.Response) -> str:
+    """The `message` of a JSON error body, else the whole body."""
+    try:
+        return response.json()["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.text
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_is_4xx_with_a_clear_message(servers: dict[str, Server], case: str) -> None:
+    make, status, fragment = BAD_REQUESTS[case]
+    response = servers[NET].post(**make())
+    assert response.status_code == status, response.text[:1000]
+    assert fragment in message(response), response.text[:1000]
+
+
+def test_after_bad_requests_the_server_still_answers_and_the_rf_champion_refuses_them_the_same_way(
         servers: dict[str, Server], shared_data: Path) -> None:
-    server = servers[NET]
-    for case, (payload, status, fragment) in BAD_PAYLOADS.items():
-        response = server.post(payload)
-        assert response.status_code == status, (case, response.text[:1000])
-        assert fragment in response.json()["message"], (case, response.text[:1000])
-    too_big = base64.b64encode(os.urandom(MAX_IMAGE_BYTES + 1024)).decode("ascii")
-    response = server.post(frame([too_big]))
-    assert response.status_code == 400 and "larger than 20 MiB" in response.json()["message"]
-    response = server.post(data="image=...", content_type="text/plain")
-    assert response.status_code == 415 and "content types" in response.text
-    response = server.post(data="{not json")
-    assert response.status_code == 400 and "valid JSON" in response.json()["message"]
-    # still serving, and the RF champion refuses bad input the same way
-    good = real_jpegs(shared_data, 1)
-    assert server.post(frame(good)).status_code == 200
-    rf = servers[RF]
-    response = rf.post(frame(["not base64 !!!"]))
-    assert response.status_code == 400 and "not valid base64" in response.json()["message"]
-    check_predictions(rf.post(frame(good)).json()["predictions"], 1)
+    server, rf = servers[NET], servers[RF]
+    for case in ("good and bad rows mixed", "body not JSON", "decompression bomb", "wrong content type"):
+        make, status, _ = BAD_REQUESTS[case]
+        assert server.post(**make()).status_code == status, case
+    good = real_jpegs(shared_data, 2)
+    response = server.post(frame(good))
+    assert response.status_code == 200, response.text[:1000]
+    check_predictions(response.json()["predictions"], 2)
+    for case in ("invalid base64", "good and bad rows mixed", "body not JSON"):
+        make, status, fragment = BAD_REQUESTS[case]
+        response = rf.post(**make())
+        assert response.status_code == status and fragment in message(response), (case, response.text[:1000])
+    check_predictions(rf.post(frame(good)).json()["predictions"], 2)

@@ -3,6 +3,10 @@
 Boxes are 0-based `(x1, y1, x2, y2)` with x2/y2 exclusive (a PIL crop box), in the coordinates of the image as
 displayed, i.e. after its EXIF orientation is applied. `image_size` reports sizes in the same frame, so boxes
 built from it (class_folders) and the crops made here agree.
+
+Multi-frame files (animated GIF / WebP / PNG, multi-page TIFF, MPO) are read as their first frame, explicitly: the
+frame image viewers show first and the one the serving adapter (PIL's default) decodes, so training and serving see
+the same pixels. Sizes are the first frame's too. Zero-byte files fail with a DataError naming the file.
 """
 
 from __future__ import annotations
@@ -50,6 +54,13 @@ def _open_lazy(path: Path) -> Image.Image:
     """Open the file and parse its header only; the caller closes the image."""
     if not path.is_file():
         raise DataError(f"Image file not found: {path}")
+    try:
+        empty = path.stat().st_size == 0
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    if empty:
+        raise DataError(f"{path}: the file is empty (0 bytes); expected an image (JPEG, PNG, BMP, GIF, WebP or TIFF). "
+                        f"Was its download or copy interrupted?")
     try:
         return Image.open(path)
     except UnidentifiedImageError as exc:
@@ -119,6 +130,8 @@ def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
 def _decode(img: Image.Image, path: Path) -> Image.Image:
     """Fully decode a lazily opened image, orient it upright and convert it to RGB."""
     try:
+        if getattr(img, "is_animated", False):
+            img.seek(0)  # a multi-frame file: its first frame (see the module docstring)
         img.load()  # the whole decode, so a truncated file fails here and not later in a worker
         op = _ORIENTATION_OPS.get(_orientation(img))
         oriented = img.transpose(op) if op is not None else img

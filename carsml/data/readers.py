@@ -14,6 +14,7 @@ Annotation files use 1-based class ids and 1-based inclusive boxes; the table (c
 from __future__ import annotations
 
 import csv
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -188,33 +189,70 @@ def _read_mat_annotations(path: Path, split: str, labelled: bool) -> _Annotation
 # CSV files (Kaggle)
 
 
-def _validated_names(names: list[str], source: Path) -> list[str]:
+def _validated_names(names: list[str], source: Path, where: list[str] | None = None) -> list[str]:
+    """`names` (class id i + 1 at index i) when every name is non-empty and distinct; else one DataError naming
+    `source` and every offending entry. `where[i]` says where name i is in the file (default "entry i + 1")."""
     if not names:
         raise DataError(f"{source}: no class names; expected one name per class id")
-    seen: dict[str, int] = {}
-    for i, name in enumerate(names, 1):
-        if not name:
-            raise DataError(f"{source}: class name {i} is empty; expected one non-empty name per class")
-        if name in seen:
-            raise DataError(f"{source}: class names {seen[name]} and {i} are both {name!r}; expected "
-                            f"distinct names")
-        seen[name] = i
+    where = where or [f"entry {i}" for i in range(1, len(names) + 1)]
+    empty = [where[i] for i, name in enumerate(names) if not name]
+    if empty:
+        raise DataError(f"{source}: {len(empty)} empty class name(s), at {_listed(empty)}; expected one "
+                        f"non-empty name per class id (a blank line shifts every later class id)")
+    positions: dict[str, list[str]] = {}
+    for i, name in enumerate(names):
+        positions.setdefault(name, []).append(where[i])
+    duplicates = [f"{name!r} ({' and '.join(at)})" for name, at in positions.items() if len(at) > 1]
+    if duplicates:
+        raise DataError(f"{source}: {len(duplicates)} class name(s) occur more than once: {_listed(duplicates)}; "
+                        f"expected distinct names, one per class id")
     return names
 
 
-def _read_rows(path: Path) -> list[tuple[int, list[str]]]:
-    """Non-empty CSV rows with their 1-based line numbers; a UTF-8 BOM and CRLF line endings are fine."""
+def _listed(items: list[str]) -> str:
+    """The first `_SHOW` items, comma-separated, with a count of the rest."""
+    more = f" and {len(items) - _SHOW} more" if len(items) > _SHOW else ""
+    return ", ".join(items[:_SHOW]) + more
+
+
+def _read_rows(path: Path, expected: str, *, keep_blank: bool = False) -> list[tuple[int, list[str]]]:
+    """CSV rows with their 1-based line numbers; a UTF-8 BOM and CRLF line endings are fine.
+
+    Blank rows are dropped unless `keep_blank` (then only trailing ones are). A zero-byte file, a file that is not
+    UTF-8 (naming the line) and a malformed CSV raise DataError naming the file and `expected` (what a line holds).
+    """
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = [(n, [c.strip() for c in row]) for n, row in enumerate(csv.reader(f), 1)]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path}: cannot be read as a UTF-8 CSV file ({exc})") from exc
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc}); expected a CSV file of {expected}") from exc
+    if not data:
+        raise DataError(f"{path}: the file is empty (0 bytes); expected a CSV file of {expected}")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"{path}: line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x} at character "
+            f"{exc.start - line_start + 1}); expected a UTF-8 CSV file of {expected}. Re-save it as UTF-8 (e.g. "
+            f"`iconv -f latin1 -t utf-8`)"
+        ) from None
+    try:
+        rows = [(n, [c.strip() for c in row]) for n, row in enumerate(csv.reader(io.StringIO(text, newline="")), 1)]
+    except csv.Error as exc:
+        raise DataError(f"{path}: cannot be read as a CSV file ({exc}); expected a CSV file of {expected}") from exc
+    if keep_blank:
+        while rows and not any(rows[-1][1]):
+            rows.pop()
+        return rows
     return [(n, row) for n, row in rows if any(row)]
 
 
 def read_names_csv(path: Path) -> list[str]:
-    """Kaggle names.csv: line i (1-based) is the name of class id i; no header."""
-    return _validated_names([",".join(row) for _, row in _read_rows(path)], path)
+    """Kaggle names.csv: line i (1-based) is the name of class id i; no header. Blank lines inside the file are
+    empty names (an error: dropping them would shift the ids); trailing ones are ignored."""
+    rows = _read_rows(path, "class names, one per line (line i names class id i)", keep_blank=True)
+    return _validated_names([",".join(row) for _, row in rows], path, [f"line {n}" for n, _ in rows])
 
 
 def _is_int(text: str) -> bool:
@@ -224,11 +262,13 @@ def _is_int(text: str) -> bool:
 def _read_anno_csv(path: Path, split: str) -> _Annotations:
     """Kaggle anno_train.csv / anno_test.csv: `fname,x1,y1,x2,y2,class` (1-based), with or without a
     header row."""
-    rows = _read_rows(path)
-    if rows and len(rows[0][1]) > 1 and not _is_int(rows[0][1][1]):
+    rows = _read_rows(path, "annotation lines 'fname,x1,y1,x2,y2,class'")
+    header = bool(rows) and len(rows[0][1]) > 1 and not _is_int(rows[0][1][1])
+    if header:
         rows = rows[1:]  # a header such as "image_name,x_min,y_min,x_max,y_max,label" (some copies add one)
     if not rows:
-        raise DataError(f"{path}: no annotation rows; expected lines 'fname,x1,y1,x2,y2,class'")
+        what = "only a header line and no annotation rows" if header else "no annotation rows"
+        raise DataError(f"{path}: {what}; expected at least one line 'fname,x1,y1,x2,y2,class'")
     values = np.zeros((len(rows), 5), dtype=np.int64)
     for k, (line, row) in enumerate(rows):
         if len(row) != 6:
@@ -540,6 +580,24 @@ def _kaggle_parts(files: _KaggleFiles) -> tuple[list[str], list[_Annotations]]:
     return class_names, parts
 
 
+def _class_folder_names(class_names: list[str], source: Path) -> list[str]:
+    """The Kaggle image folder of each class: its name with "/" (not allowed in a folder name) as "-".
+
+    Raises DataError naming `source` (names.csv, whose line i names class id i) and the classes when two names give
+    the same folder: their images would mix.
+    """
+    folders = [n.replace("/", "-") for n in class_names]
+    ids: dict[str, list[int]] = {}
+    for i, folder in enumerate(folders, 1):
+        ids.setdefault(folder, []).append(i)
+    clashes = [" and ".join(f"{class_names[i - 1]!r} (line {i})" for i in group) + f" -> {folder!r}"
+               for folder, group in ids.items() if len(group) > 1]
+    if clashes:
+        raise DataError(f"{source}: {len(clashes)} group(s) of class names give the same image folder once '/' "
+                        f"becomes '-': {_listed(clashes)}; expected distinct folder names (rename one of each group)")
+    return folders
+
+
 def read_kaggle_folders(root: Path) -> Dataset:
     """Kaggle "stanford-car-dataset-by-classes-folder": names.csv, anno_{train,test}.csv and images in
     {train,test}/<class name, "/" -> "-">/<fname> under car_data/car_data/ (or car_data/, or the root).
@@ -553,10 +611,7 @@ def read_kaggle_folders(root: Path) -> Dataset:
     if base is None:
         raise DataError(f"No train/ or test/ image folder under {files.root} (looked in car_data/car_data/, "
                         f"car_data/ and the folder itself)")
-    folders = np.array([n.replace("/", "-") for n in class_names], dtype=object)  # "/" can't be in a name
-    if len(set(folders)) != len(folders):
-        raise DataError(f"{files.names}: two class names give the same folder name once '/' becomes '-'; "
-                        f"expected distinct folder names")
+    folders = np.array(_class_folder_names(class_names, files.names), dtype=object)
     paths, notes = [], []
     for part in parts:
         split_dir = base / part.split

@@ -13,7 +13,7 @@ from carsml.data.images import open_rgb, read_header
 from carsml.data.table import SPLITS, Dataset
 from carsml.experiments.common import resolve_dataset
 from carsml.tracking import figures
-from carsml.tracking.runs import log_csv, log_dataset, log_figure, start_run
+from carsml.tracking.runs import log_csv, log_dataset, log_figure, setup_tracking, start_run
 
 
 def class_counts(dataset: Dataset) -> pd.DataFrame:
@@ -90,6 +90,7 @@ def _log_sample_grid(dataset: Dataset, n: int, seed: int) -> None:
 
 def run(cfg: dict[str, Any]) -> dict[str, float]:
     """Analyse the dataset named by `cfg["data"]`, logging everything to one MLflow run; returns the metrics."""
+    setup_tracking()  # a bad tracking URI fails before the dataset is read
     dataset = resolve_dataset(cfg)
     with start_run("data_analysis", cfg):
         table = dataset.table

@@ -2,8 +2,9 @@
 
 Input: a DataFrame with a string column `image` holding base64-encoded JPEG/PNG bytes (clients send `dataframe_split`).
 Output per row: `label`, `class_id` (0-based), `score`, and `top5_labels` / `top5_scores` (JSON lists).
-Bad rows raise MlflowException(INVALID_PARAMETER_VALUE), which `mlflow models serve` answers with HTTP 400.
-The whole frame is predicted as one batch. Images larger than MAX_IMAGE_BYTES or MAX_PIXELS are refused.
+Bad rows raise MlflowException(INVALID_PARAMETER_VALUE), which `mlflow models serve` answers with HTTP 400: every row
+is checked first, and one bad row refuses the whole request with a message naming every bad row (never a partial
+answer). The whole frame is predicted as one batch. Images larger than MAX_IMAGE_BYTES or MAX_PIXELS are refused.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # per image, decoded from base64
 MAX_PIXELS = 40_000_000  # width x height
+MAX_ROWS_DESCRIBED = 10  # bad rows whose problem a refusal spells out (all bad row indexes are listed)
 
 
 def decode_image(text: object, row: int, size: int) -> np.ndarray:
@@ -60,6 +62,31 @@ def decode_image(text: object, row: int, size: int) -> np.ndarray:
             f"row {row}: `image` bytes are not a readable JPEG/PNG image") from None
 
 
+def decode_images(values: pd.Series | list[object], size: int) -> np.ndarray:
+    """Decode every row with `decode_image` into one N x size x size x 3 batch.
+
+    All rows are checked before anything is predicted: when any is bad, the whole request is refused with one
+    MlflowException(INVALID_PARAMETER_VALUE) naming every bad row index and what is wrong with (the first
+    MAX_ROWS_DESCRIBED of) them.
+    """
+    images, problems = [], {}
+    for row, value in enumerate(values):
+        try:
+            images.append(decode_image(value, row, size))
+        except MlflowException as exc:
+            problems[row] = exc.message
+    if problems:
+        bad = list(problems)
+        listed = ", ".join(map(str, bad[:100])) + (", ..." if len(bad) > 100 else "")
+        details = "; ".join(problems[row] for row in bad[:MAX_ROWS_DESCRIBED])
+        if len(bad) > MAX_ROWS_DESCRIBED:
+            details += f"; ... ({len(bad) - MAX_ROWS_DESCRIBED} more)"
+        raise MlflowException.invalid_parameter_value(
+            f"{len(bad)} of {len(images) + len(bad)} row(s) have a bad `image` (row {listed}); the request was "
+            f"refused as a whole, nothing was predicted: {details}")
+    return np.stack(images)
+
+
 class CarsImageClassifier(mlflow.pyfunc.PythonModel):
     """Serves a carsml network (bundle artifact) — predictions for a batch of base64 images."""
 
@@ -85,7 +112,7 @@ class CarsImageClassifier(mlflow.pyfunc.PythonModel):
             raise MlflowException.invalid_parameter_value("input must be a DataFrame with a string column `image`")
         if len(model_input) == 0:
             raise MlflowException.invalid_parameter_value("input frame is empty: send at least one row")
-        return np.stack([decode_image(v, i, self.size) for i, v in enumerate(model_input["image"])])
+        return decode_images(model_input["image"], self.size)
 
     def format(self, probs: np.ndarray) -> pd.DataFrame:
         """Rows of label / class_id / score / top-5 from probabilities."""

@@ -9,8 +9,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import socket
+import ssl
 import subprocess
 import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,16 +27,144 @@ from mlflow.tracking import MlflowClient
 
 import carsml
 from carsml.data.table import Dataset
+from carsml.errors import ConfigError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 REPO_DIR = Path(__file__).resolve().parents[2]
+REACHABILITY_TIMEOUT_S = 3.0  # MLflow's own client retries an unreachable server for minutes
+# Used when MLflow's store registry cannot be read (it is private API); plugins add to the registry, not to this.
+_FALLBACK_SCHEMES = frozenset({"", "file", "http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks",
+                               "databricks-uc", "uc"})
+_SQLITE_HEADER = b"SQLite format 3\x00"
+_checked_uris: set[str] = set()  # URIs already found usable in this process (the check runs once per URI)
 
 
 def setup_tracking() -> str:
-    """Use MLFLOW_TRACKING_URI when set, else the SQLite store `mlflow.db` in the working directory."""
+    """Use MLFLOW_TRACKING_URI when set, else the SQLite store `mlflow.db` in the working directory.
+
+    The URI is checked first (`check_tracking_uri`), so a malformed or unreachable one fails at once with a
+    ConfigError instead of inside MLflow's retry loops once work has started.
+    """
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    check_tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def shown_uri(uri: str) -> str:
+    """The URI as printed in messages: a password in it is replaced by `***`."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        if not parts.password:
+            return uri
+    except ValueError:  # not parseable: shown as given
+        return uri
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{netloc}"))
+
+
+def _known_schemes() -> frozenset[str]:
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        return frozenset(_tracking_store_registry._registry) or _FALLBACK_SCHEMES
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the MLflow version
+        return _FALLBACK_SCHEMES
+
+
+def _unusable(uri: str, problem: str, todo: str) -> ConfigError:
+    return ConfigError(
+        f"MLFLOW_TRACKING_URI={shown_uri(uri)!r}: {problem}. {todo}, or unset MLFLOW_TRACKING_URI to log to "
+        f"{DEFAULT_TRACKING_URI} in the working directory"
+    )
+
+
+def _check_http(uri: str) -> None:
+    parts = urllib.parse.urlsplit(uri)
+    expected = "Expected http(s)://<host>:<port> of an MLflow tracking server"
+    if not parts.hostname:
+        raise _unusable(uri, "no host name", expected)
+    try:
+        _ = parts.port  # raises ValueError for a port that is not a number in 0..65535
+    except ValueError:
+        raise _unusable(uri, "the port is not a number in 0..65535", expected) from None
+    host = parts.netloc.rsplit("@", 1)[-1]  # no credentials in the probe (urllib cannot send them; none needed)
+    health = urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health", "", ""))
+    try:
+        with urllib.request.urlopen(health, timeout=REACHABILITY_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError:
+        return  # any HTTP answer (even 401/404 behind a proxy) means a server is there; MLflow handles the rest
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLError):
+            return  # it answered; certificates are MLflow's business (MLFLOW_TRACKING_SERVER_CERT_PATH, ...)
+        if isinstance(reason, (TimeoutError, socket.timeout)):
+            reason = f"no answer within {REACHABILITY_TIMEOUT_S:g} s"
+        raise _unusable(
+            uri,
+            f"the tracking server is unreachable (GET {health}: {reason})",
+            "Start the server (`mlflow server --host <host> --port <port>`) or fix the host or port",
+        ) from None
+
+
+def _check_sqlite(uri: str) -> None:
+    rest = uri.split(":", 1)[1]
+    if not rest.startswith("///"):
+        if rest in ("", "//"):
+            return  # in-memory database
+        raise _unusable(uri, "an SQLite URI needs three slashes before the file path",
+                        "Expected sqlite:///relative/path.db or sqlite:////absolute/path.db")
+    raw = rest[3:].split("?", 1)[0]
+    if raw in ("", ":memory:"):
+        return
+    path = Path(urllib.parse.unquote(raw)).expanduser()
+    folder = path.parent
+    if not folder.is_dir():
+        raise _unusable(uri, f"the folder {folder.absolute()} of the SQLite file does not exist",
+                        "Create the folder or fix the path")
+    if path.is_dir():
+        raise _unusable(uri, f"{path.absolute()} is a folder, not an SQLite file", "Fix the path")
+    if path.is_file():
+        try:
+            with open(path, "rb") as f:
+                header = f.read(len(_SQLITE_HEADER))
+        except OSError as exc:
+            raise _unusable(uri, f"cannot read {path.absolute()} ({exc.strerror})", "Fix its permissions") from None
+        if header and header != _SQLITE_HEADER:
+            raise _unusable(uri, f"{path.absolute()} is not an SQLite database",
+                            "Point it at an MLflow SQLite store or at a new file")
+    elif not os.access(folder, os.W_OK):
+        raise _unusable(uri, f"the folder {folder.absolute()} is not writable, so the SQLite file cannot be "
+                        f"created there", "Use a writable folder")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Raise ConfigError naming the URI and what to do when MLflow cannot use it, before MLflow is called.
+
+    Checks the scheme against MLflow's tracking stores; for http(s), that the server answers `GET /health` within
+    `REACHABILITY_TIMEOUT_S` (MLflow itself would retry for minutes); for SQLite, that the file's folder exists
+    and the file, when present, is an SQLite database (MLflow would create missing folders or retry for long).
+    Other schemes (databases, Databricks, plugins) are left to MLflow. A URI that passed is not checked again.
+    """
+    if uri in _checked_uris:
+        return
+    try:
+        scheme = urllib.parse.urlsplit(uri).scheme.lower()
+    except ValueError as exc:  # e.g. an unclosed [ in an IPv6 host
+        raise _unusable(uri, f"not a valid URI ({exc})", "Fix the URI") from None
+    if len(scheme) == 1 and scheme.isalpha():
+        scheme = ""  # a Windows drive letter: a local path
+    engine = scheme.split("+", 1)[0]  # postgresql+psycopg2 -> postgresql
+    if engine not in _known_schemes():
+        raise _unusable(uri, f"unsupported scheme {scheme + ':'!r}",
+                        "Expected sqlite:///<file>.db, http(s)://<host>:<port> of an MLflow tracking server, a "
+                        "database URL (postgresql://, mysql://, mssql://) or a local folder; fix the URI")
+    if engine in ("http", "https"):
+        _check_http(uri)
+    elif engine == "sqlite":
+        _check_sqlite(uri)
+    _checked_uris.add(uri)
 
 
 def git_info() -> dict[str, str]:
