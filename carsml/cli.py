@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -23,9 +24,10 @@ console = Console(stderr=True)
 
 
 
-def run_experiment(name: str, overrides: dict[str, Any] | None = None) -> Any:
-    """Resolve the config of experiment `name` and run it (the Python API behind every command)."""
-    cfg = load_config(name, overrides)
+def run_experiment(name: str, overrides: dict[str, Any] | None = None, *, passes_defaults: bool = False) -> Any:
+    """Resolve the config of experiment `name` and run it (the Python API behind every command); see `load_config`
+    for `passes_defaults`."""
+    cfg = load_config(name, overrides, passes_defaults=passes_defaults)
     module, func = REGISTRY[name][1].split(":")
     return getattr(importlib.import_module(module), func)(cfg)
 
@@ -50,7 +52,8 @@ def _register(name: str, command_name: str, target: typer.Typer) -> None:
 
     def command(**kwargs: Any) -> None:
         try:
-            run_experiment(name, kwargs)
+            # `mlflow run` (which sets MLFLOW_RUN_ID for the command) passes every MLproject parameter, defaults too
+            run_experiment(name, kwargs, passes_defaults=bool(os.environ.get("MLFLOW_RUN_ID")))
         except CarsmlError as exc:
             _fail(exc)
 

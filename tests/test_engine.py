@@ -247,7 +247,8 @@ def test_device_and_amp_resolution() -> None:
     [("epochs", 0), ("batch_size", 0), ("batch_size", 2.5), ("lr", 0.0), ("lr", -1e-3), ("lr", float("nan")),
      ("optimizer", "rmsprop"), ("scheduler", "step"), ("amp", "fp8"), ("device", "tpu"), ("label_smoothing", 1.0),
      ("head_lr", 0.0), ("warmup_epochs", 1), ("plateau_factor", 1.5), ("early_stopping_patience", -1),
-     ("freeze_backbone_epochs", 5), ("eval_batch_size", 0)],
+     ("freeze_backbone_epochs", 5), ("eval_batch_size", 0), ("ema_decay", 1.0), ("ema_decay", -0.5),
+     ("ema_decay", float("nan")), ("decay_norm_bias", "no"), ("select_on", "test_acc")],
 )  # fmt: skip
 def test_bad_config_names_field_and_value(field: str, value: object) -> None:
     c = cfg(**{field: value})  # warmup_epochs=1 is invalid because the scheduler is "none"
@@ -341,10 +342,11 @@ class ScriptedNet(nn.Module):
     (`phase`, part of the state dict like any weight), set by `PhaseSetter` during that epoch's training steps. Every
     epoch's val and test accuracy is therefore fixed by construction, whatever the machine's numerics."""
 
-    def __init__(self, script: tuple[int, ...]) -> None:
+    def __init__(self, script: tuple[int, ...] | torch.Tensor) -> None:
         super().__init__()
         self.fc = nn.Linear(3, NUM_CLASSES)  # zero gradient: only there so the optimizer has a parameter
-        self.register_buffer("script", F.one_hot(torch.tensor(script), NUM_CLASSES).float() * 10.0)
+        logits = script if isinstance(script, torch.Tensor) else F.one_hot(torch.tensor(script), NUM_CLASSES) * 10.0
+        self.register_buffer("script", logits.float())  # one row of logits per epoch
         self.register_buffer("phase", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -376,6 +378,21 @@ def test_best_epoch_is_chosen_on_val_not_test() -> None:
     assert int(model.phase) == 2
     after = evaluate(model, val, NONE, batch_size=64, device="cpu", amp="off")
     assert (after.acc, after.loss) == pytest.approx((res.best_val_acc, res.best_val_loss), rel=1e-6)
+
+
+def test_select_on_val_loss_keeps_the_lowest_loss_epoch() -> None:
+    # every val label is class 1. Epoch 1 gets it right with little confidence; epoch 2 gets it wrong (class 0 by a
+    # hair) with class 1 close behind — a lower loss; epoch 3 is wrong and confident.
+    logits = torch.tensor([[0.0, 0.5, 0.0, 0.0], [0.6, 0.55, -5.0, -5.0], [5.0, 0.0, 0.0, 0.0]])
+    images = make_data(32, seed=1)
+    val = ArrayData(images.images, np.full(32, 1))
+    by_acc, by_loss = ScriptedNet(logits), ScriptedNet(logits)
+    acc = run(by_acc, cfg(epochs=3), val=val, callbacks=[PhaseSetter(by_acc)])
+    loss = run(by_loss, cfg(epochs=3, select_on="val_loss"), val=val, callbacks=[PhaseSetter(by_loss)])
+    assert [h["val_acc"] for h in loss.history] == [1, 0, 0]
+    assert loss.history[1]["val_loss"] < loss.history[0]["val_loss"] < loss.history[2]["val_loss"]
+    assert (acc.best_epoch, int(by_acc.phase)) == (1, 1) and (loss.best_epoch, int(by_loss.phase)) == (2, 2)
+    assert loss.best_val_loss == loss.history[1]["val_loss"] and loss.best_val_acc == 0
 
 
 def test_selection_on_a_learning_model_matches_the_val_history() -> None:
@@ -576,3 +593,80 @@ def test_small_train_set_uses_one_partial_batch() -> None:
     res = run(tiny_net(), cfg(epochs=1, batch_size=64), train=make_data(20), callbacks=[rec])
     assert "batch:1:1/1" in rec.events
     assert res.history[0]["train_acc"] * 20 == pytest.approx(round(res.history[0]["train_acc"] * 20))
+
+
+# ------------------------------------------------------------------------------------------ the carsml recipe's parts
+def test_ema_is_what_is_evaluated_selected_and_returned() -> None:
+    model = tiny_net()
+    rec = Recorder()
+    res = run(model, cfg(epochs=3, ema_decay=0.9), callbacks=[rec])
+    # the returned model holds the averaged weights of the best epoch: evaluating it gives that epoch's val numbers
+    after = evaluate(model, make_data(32, seed=1), NONE, batch_size=64, device="cpu", amp="off")
+    assert (after.acc, after.loss) == pytest.approx((res.best_val_acc, res.best_val_loss), rel=1e-6)
+    # and it is not the raw weights of the same training (the same seed without EMA)
+    raw = tiny_net()
+    run(raw, cfg(epochs=3))
+    assert not torch.equal(raw.fc.weight, model.fc.weight)
+
+
+def test_ema_average_follows_the_warmed_up_decay() -> None:
+    from carsml.engine.ema import WeightEMA
+
+    net = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    ema = WeightEMA(net, 0.5)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    ema.update(net)  # update 1: decay min(0.5, 2 / 11) = 2/11 -> average 9/11 of the new value
+    assert ema.state["weight"].flatten().tolist() == pytest.approx([9 / 11] * 2)
+    with ema.applied(net):
+        assert torch.equal(net.weight, ema.state["weight"])
+    assert torch.equal(net.weight, torch.ones(1, 2))  # the model's own weights come back
+
+
+def test_resume_with_ema_reproduces_uninterrupted_history(tmp_path: Path) -> None:
+    c = cfg(epochs=3, lr=5e-3, ema_decay=0.95)
+    full = run(tiny_net(5), c, checkpoint_dir=tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_net(5), c, checkpoint_dir=tmp_path / "b", callbacks=[RaiseAt(1, KeyboardInterrupt())])
+    resumed = run(tiny_net(99), c, checkpoint_dir=tmp_path / "b", resume=True)
+    assert strip_timing(resumed.history) == strip_timing(full.history)
+    for key, value in full.best_state_dict.items():
+        assert torch.equal(value, resumed.best_state_dict[key]), key
+
+
+def test_decay_norm_bias_false_exempts_one_dimensional_parameters() -> None:
+    from carsml.engine.train import _make_optimizer
+
+    model = TinyNet()
+    c = cfg(optimizer="adamw", weight_decay=0.05, decay_norm_bias=False)
+    groups = _make_optimizer(c, [{"params": list(model.parameters())}]).param_groups
+    decayed = {id(p) for g in groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    exempt = {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert decayed == {id(p) for p in model.parameters() if p.ndim > 1}
+    assert exempt == {id(p) for p in model.parameters() if p.ndim <= 1}  # biases and BatchNorm weights
+    default = _make_optimizer(cfg(optimizer="adamw", weight_decay=0.05), [{"params": list(model.parameters())}])
+    assert [g["weight_decay"] for g in default.param_groups] == [0.05]  # the study's L2 on everything
+
+
+def test_refit_without_validation_keeps_the_last_epoch() -> None:
+    model = ScriptedNet((0, 1, 3))
+    test = ArrayData(make_data(16).images, np.full(16, 3))
+    res = fit(model, make_data(128), None, cfg(epochs=3), train_transform=NONE, eval_transform=NONE, test=test,
+              callbacks=[PhaseSetter(model)])
+    assert res.best_epoch == 3 and int(model.phase) == 3 and math.isnan(res.best_val_acc)
+    assert all("val_acc" not in h for h in res.history) and [h["test_acc"] for h in res.history] == [0, 0, 1]
+    for scheduler, patience in (("plateau", 0), ("none", 2)):
+        with pytest.raises(ConfigError, match="without a validation set"):
+            fit(TinyNet(), make_data(64), None, cfg(scheduler=scheduler, early_stopping_patience=patience),
+                train_transform=NONE, eval_transform=NONE)
+
+
+def test_train_images_larger_than_the_model_input() -> None:
+    # the training cache may be larger (cache_scale): the train transform produces the evaluation size
+    big = make_data(64, size=24)
+    res = run(tiny_net(), cfg(epochs=1), train=big, train_transform=build_transform("crop", size=16))
+    assert res.epochs_run == 1
+    with pytest.raises(DataError, match="val and test must have the same image size"):
+        run(tiny_net(), cfg(epochs=1), test=big)

@@ -5,13 +5,18 @@ gets the same flip / angle / crop. Here each sample draws its own parameters fro
 `torch.Generator` (same generator state → same augmentation, on any device), and all geometry is done with
 one `F.affine_grid` + `F.grid_sample` per batch.
 
-Policies (`train=True`; with `train=False` every policy only scales to [0, 1] and normalises):
+Policies (`train=True`; with `train=False` every policy only resizes, scales to [0, 1] and normalises):
     none    scale + normalise (the study's baseline)
     study   horizontal flip p=0.5, rotation ±15°, brightness and contrast factors in [0.8, 1.2]
+    crop    random resized crop (scale 0.25–1, ratio 3/4–4/3) + flip + brightness / contrast / saturation factors in
+            [0.8, 1.2]: the carsml recipe's policy (real pixels when the cache is larger than the output)
     strong  random resized crop (scale 0.35–1, ratio 3/4–4/3) + flip + TrivialAugmentWide + random erasing
             p=0.25, optionally followed by mixup / cutmix (`BatchTransform.mix`, which also mixes labels)
 
-Outputs keep the input size (the decoded cache already stores images at the training resolution).
+Output size: `size` (the model's input side); None keeps the input's. The training cache may store images larger than
+the model's input (`cache_scale`), so that a random crop samples real pixels instead of upsampling a small image; every
+geometric policy resamples straight from the stored image to the output size (one bilinear resampling), and the
+evaluation path resizes the whole image (antialiased) — what a crop of scale 1 shows in training.
 """
 
 from __future__ import annotations
@@ -27,13 +32,17 @@ from torch import Tensor
 
 from carsml.errors import ConfigError, DataError
 
-POLICIES = ("none", "study", "strong")
+POLICIES = ("none", "study", "crop", "strong")
 DEFAULT_MEAN = (0.5, 0.5, 0.5)
 DEFAULT_STD = (0.5, 0.5, 0.5)
 
 # "study" policy
 STUDY_MAX_ROTATION_DEG = 15.0
 STUDY_JITTER = 0.2  # brightness and contrast factors drawn from [1 - j, 1 + j]
+
+# "crop" policy
+CROP_POLICY_SCALE = (0.25, 1.0)
+CROP_POLICY_JITTER = 0.2  # brightness, contrast and saturation factors drawn from [1 - j, 1 + j]
 
 # "strong" policy
 CROP_SCALE = (0.35, 1.0)
@@ -61,6 +70,7 @@ TA_OPS = (
     "AutoContrast",
     "Equalize",
 )
+MAX_SUPERSAMPLING = 4  # geometric policies shrinking a larger cached image sample up to 4 x 4 points per pixel
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision uses
 
 
@@ -105,20 +115,27 @@ def _hflip(flip: Tensor) -> Tensor:
     return m
 
 
-def _warp(x: Tensor, out_to_in: Tensor) -> Tensor:
-    """Resample `x` (float N×C×H×W): output pixel p shows input pixel `out_to_in @ p`.
+def _warp(x: Tensor, out_to_in: Tensor, size: int | None = None) -> Tensor:
+    """Resample `x` (float N×C×H×W) into N×C×size×size (None: the input's size): output pixel p shows input pixel
+    `out_to_in @ p`.
 
-    Matrices act on homogeneous pixel coordinates centred on the image (x right, y down), so rotations and
-    shears are true ones on non-square images; they are converted to the normalised [-1, 1] coordinates
+    Matrices act on homogeneous pixel coordinates centred on the image (x right, y down), in the input's pixel units:
+    the output spans the same extent whatever its size, so a crop matrix means the same region at any output size.
+    Rotations and shears are true ones on non-square images; they are converted to the normalised [-1, 1] coordinates
     that `affine_grid` expects. Pixels mapped from outside the image are filled with 0 (black), like
     torchvision's default fill.
     """
     n, _, h, w = x.shape
+    out_h, out_w = (size, size) if size else (h, w)
+    # Shrinking a larger image: sample a `ss` times finer grid and average each ss x ss block (supersampling), an
+    # antialiasing filter that bilinear sampling alone lacks (a 1.5x smaller crop would otherwise alias).
+    ss = min(math.ceil(max(h / out_h, w / out_w)), MAX_SUPERSAMPLING)
     scale = torch.diag(torch.tensor([w / 2.0, h / 2.0, 1.0], device=x.device, dtype=out_to_in.dtype))
     inv_scale = torch.diag(torch.tensor([2.0 / w, 2.0 / h, 1.0], device=x.device, dtype=out_to_in.dtype))
     theta = (inv_scale @ out_to_in @ scale)[:, :2, :].to(x.dtype)
-    grid = F.affine_grid(theta, [n, x.shape[1], h, w], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    grid = F.affine_grid(theta, [n, x.shape[1], out_h * ss, out_w * ss], align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.avg_pool2d(out, ss) if ss > 1 else out
 
 
 # ---------------------------------------------------------------------------------------------- colour ops
@@ -194,14 +211,15 @@ def equalize(x: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------- strong policy
 def _random_resized_crop(
-    n: int, h: int, w: int, generator: torch.Generator | None, device: torch.device, tries: int = 10
+    n: int, h: int, w: int, generator: torch.Generator | None, device: torch.device, tries: int = 10,
+    scale: tuple[float, float] = CROP_SCALE,
 ) -> Tensor:
     """(n, 3, 3) output→input maps of torchvision's RandomResizedCrop, one crop per sample.
 
     Like torchvision: up to `tries` (area, log-aspect) draws per sample, the first that fits wins, and a
     sample where none fits falls back to the largest centred crop with an allowed aspect ratio.
     """
-    area = h * w * _uniform(n * tries, *CROP_SCALE, generator, device).view(n, tries)
+    area = h * w * _uniform(n * tries, *scale, generator, device).view(n, tries)
     log_ratio = _uniform(n * tries, math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]), generator, device)
     ratio = torch.exp(log_ratio).view(n, tries)
     cw, ch = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
@@ -325,17 +343,21 @@ class BatchTransform:
         self,
         policy: str,
         *,
+        size: int | None = None,
         mean: Sequence[float] = DEFAULT_MEAN,
         std: Sequence[float] = DEFAULT_STD,
         mixup: float = 0.0,
         cutmix: float = 0.0,
     ) -> None:
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise ConfigError(f"transform size: expected a positive number of pixels or None; got {size!r}")
         if policy not in POLICIES:
             raise ConfigError(f"augmentation policy: expected one of {', '.join(POLICIES)}; got {policy!r}")
         for name, alpha in (("mixup", mixup), ("cutmix", cutmix)):
             if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
                 raise ConfigError(f"{name}: expected a Beta alpha >= 0 (0 = off); got {alpha!r}")
         self.policy = policy
+        self.size = size
         self.mean = _check_stats("mean", mean)
         self.std = _check_stats("std", std)
         self.mixup = float(mixup)
@@ -343,7 +365,7 @@ class BatchTransform:
 
     def __repr__(self) -> str:
         return (
-            f"BatchTransform(policy={self.policy!r}, mean={self.mean}, std={self.std}, "
+            f"BatchTransform(policy={self.policy!r}, size={self.size}, mean={self.mean}, std={self.std}, "
             f"mixup={self.mixup}, cutmix={self.cutmix})"
         )
 
@@ -366,10 +388,19 @@ class BatchTransform:
             )
         x01 = x.float().div_(255.0)
         if not train or self.policy == "none" or x.shape[0] == 0:
-            return self.normalise(x01)
+            return self.normalise(self.resize(x01))
         if self.policy == "study":
             return self.normalise(self._study(x01, generator))
+        if self.policy == "crop":
+            return self.normalise(self._crop(x01, generator))
         return _random_erasing(self.normalise(self._strong(x01, generator)), generator)
+
+    def resize(self, x01: Tensor) -> Tensor:
+        """The whole image at the output size (bilinear, antialiased); unchanged when it already has that size."""
+        if self.size is None or x01.shape[-2:] == (self.size, self.size):
+            return x01
+        return F.interpolate(x01, size=(self.size, self.size), mode="bilinear", antialias=True,
+                             align_corners=False).clamp_(0.0, 1.0)
 
     def _study(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         n, device = x.shape[0], x.device
@@ -377,8 +408,18 @@ class BatchTransform:
         angle = torch.deg2rad(_uniform(n, -STUDY_MAX_ROTATION_DEG, STUDY_MAX_ROTATION_DEG, generator, device))
         brightness = _uniform(n, 1 - STUDY_JITTER, 1 + STUDY_JITTER, generator, device)
         contrast = _uniform(n, 1 - STUDY_JITTER, 1 + STUDY_JITTER, generator, device)
-        x = _warp(x, _rotation(angle) @ _hflip(flip))
+        x = _warp(x, _rotation(angle) @ _hflip(flip), self.size)
         return adjust_contrast(adjust_brightness(x, brightness), contrast)
+
+    def _crop(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        n, _, h, w = x.shape
+        device = x.device
+        crop = _random_resized_crop(n, h, w, generator, device, scale=CROP_POLICY_SCALE)
+        flip = _hflip(_rand((n,), generator, device) < 0.5)
+        lo, hi = 1 - CROP_POLICY_JITTER, 1 + CROP_POLICY_JITTER
+        brightness, contrast, saturation = (_uniform(n, lo, hi, generator, device) for _ in range(3))
+        x = _warp(x, crop @ flip, self.size)
+        return adjust_saturation(adjust_contrast(adjust_brightness(x, brightness), contrast), saturation)
 
     def _strong(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         n, _, h, w = x.shape
@@ -388,7 +429,7 @@ class BatchTransform:
         ta = _TrivialAugmentDraw(n, generator, device)
         # crop → flip → TrivialAugment geometry composed into ONE resampling: sharper than three, and content
         # a shear / rotation brings in from beyond the crop is real image rather than black fill.
-        x = _warp(x, crop @ flip @ _trivial_augment_geometry(ta, h, w))
+        x = _warp(x, crop @ flip @ _trivial_augment_geometry(ta, h, w), self.size)
         return _trivial_augment_colour(x, ta)
 
     def mix(
@@ -441,16 +482,18 @@ class BatchTransform:
 def build_transform(
     policy: str,
     *,
+    size: int | None = None,
     mean: Sequence[float] = DEFAULT_MEAN,
     std: Sequence[float] = DEFAULT_STD,
     mixup: float = 0.0,
     cutmix: float = 0.0,
 ) -> BatchTransform:
-    """The batch transform for an augmentation policy ("none", "study" or "strong"); see the module docstring.
+    """The batch transform for an augmentation policy (see POLICIES and the module docstring), producing
+    `size` x `size` images (None: the input's size).
 
     mean / std default to 0.5 (our CNNs); pass a pretrained model's own statistics for timm models.
     """
-    return BatchTransform(policy, mean=mean, std=std, mixup=mixup, cutmix=cutmix)
+    return BatchTransform(policy, size=size, mean=mean, std=std, mixup=mixup, cutmix=cutmix)
 
 
 def view_transform(

@@ -8,6 +8,7 @@ with the epoch safely recorded, and the exception reaches the caller unchanged.
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from collections.abc import Sequence
@@ -102,7 +103,8 @@ def format_epoch(epoch: int, total: int, metrics: dict[str, float]) -> str:
         f"epoch {epoch}/{total}",
         f"train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.4f}",
     ]
-    parts.append(f"val loss {metrics['val_loss']:.4f} acc {metrics['val_acc']:.4f}")
+    if "val_acc" in metrics:
+        parts.append(f"val loss {metrics['val_loss']:.4f} acc {metrics['val_acc']:.4f}")
     if "test_acc" in metrics:
         parts.append(f"test loss {metrics['test_loss']:.4f} acc {metrics['test_acc']:.4f}")
     parts.append(f"lr {metrics['lr']:.3g}")
@@ -174,12 +176,9 @@ class RichProgress(Callback):
     def on_fit_end(self, result: FitResult) -> None:
         self._stop_bar()
         stop = " (stopped early)" if result.stopped_early else ""
-        self.console.print(
-            f"best epoch {result.best_epoch}: val acc {result.best_val_acc:.4f} "
-            f"loss {result.best_val_loss:.4f}{stop}",
-            highlight=False,
-            soft_wrap=True,
-        )
+        chosen = (f"best epoch {result.best_epoch}: val acc {result.best_val_acc:.4f} loss {result.best_val_loss:.4f}"
+                  if math.isfinite(result.best_val_acc) else f"no validation set: the last epoch ({result.best_epoch})")
+        self.console.print(chosen + stop, highlight=False, soft_wrap=True)
 
     def on_fit_error(self, error: BaseException) -> None:
         self._stop_bar()

@@ -5,8 +5,16 @@ Any `nn.Module` mapping float N×C×H×W to logits works. Conventions:
     * per-epoch metrics: train_loss train_acc val_loss val_acc [test_loss test_acc] lr [lr_head] epoch_seconds
       images_per_second. Train metrics come from the training forward passes (augmented, dropout on), as in
       the study. test_* are reported only — nothing is ever selected on them.
-    * the best epoch is the one with the highest val accuracy, ties broken by the lower val loss; early
-      stopping counts epochs without such an improvement. At the end the model holds the best weights.
+    * the best epoch is the one with the highest val accuracy, ties broken by the lower val loss
+      (`select_on="val_loss"`: the lowest val loss, ties broken by the higher accuracy — steadier on a small
+      validation split); early stopping counts epochs without such an improvement. At the end the model holds
+      the best weights.
+      Without a validation set (`val=None`: a refit on every training image for an epoch budget chosen
+      earlier) nothing is selected: the last epoch is the result, and val_* metrics are absent.
+    * with `ema_decay` > 0 an exponential moving average of the weights (engine/ema.py) is what is evaluated,
+      selected and returned; training steps still update the raw weights.
+    * train images may be larger than val / test images: the train transform produces the model's input
+      size (a random crop then samples real pixels); val and test must share one size.
     * with `checkpoint_dir`, `last.pt` is rewritten atomically every epoch and `best.pt` whenever the best
       epoch changes; `resume=True` continues from `last.pt` and reproduces (on CPU, bit for bit) the history
       an uninterrupted fit would have produced.
@@ -16,6 +24,7 @@ Any `nn.Module` mapping float N×C×H×W to logits works. Conventions:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -42,6 +51,7 @@ from carsml.engine.checkpoint import (
     restore_rng,
 )
 from carsml.engine.device import AMP_CHOICES, autocast_dtype, resolve_device, seed_everything
+from carsml.engine.ema import WeightEMA
 from carsml.engine.evaluate import EvalResult, autocast_context, infer_logits, metrics_from_logits
 from carsml.engine.loader import ArrayData, iterate_batches
 from carsml.errors import CarsmlError, ConfigError, DataError
@@ -50,6 +60,7 @@ __all__ = ["Callback", "FitResult", "TrainConfig", "fit", "is_better", "warmup_c
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "plateau", "cosine")
+SELECT_ON = ("val_acc", "val_loss")
 TIMING_KEYS = ("epoch_seconds", "images_per_second")  # the only history values that differ between runs
 # Options a resumed fit may change; any other difference would make the resumed run a different experiment.
 RESUME_MUTABLE = frozenset(
@@ -74,6 +85,7 @@ class TrainConfig:
     lr: float = 5e-4
     optimizer: str = "adam"  # adam | adamw | sgd
     weight_decay: float = 0.0
+    decay_norm_bias: bool = True  # False: no weight decay on biases and normalisation weights (timm's rule: 1-D)
     momentum: float = 0.9  # sgd only
     scheduler: str = "none"  # none | plateau (ReduceLROnPlateau on val loss, the study's) | cosine (per step)
     warmup_epochs: int = 0  # linear warmup, cosine only
@@ -81,8 +93,10 @@ class TrainConfig:
     plateau_patience: int = 2
     min_lr: float = 0.0  # floor for plateau and cosine
     label_smoothing: float = 0.0
+    ema_decay: float = 0.0  # evaluate / select an exponential moving average of the weights; 0 = off, else in (0, 1)
     grad_clip: float = 0.0  # max global gradient norm; 0 = off
-    early_stopping_patience: int = 0  # epochs without a better val accuracy; 0 = off
+    early_stopping_patience: int = 0  # epochs without a better selected epoch; 0 = off
+    select_on: str = "val_acc"  # val_acc (ties: lower loss) | val_loss (ties: higher accuracy)
     amp: str = "auto"  # auto | off | bf16 | fp16
     channels_last: bool = True
     device: str = "auto"
@@ -124,10 +138,14 @@ class TrainConfig:
             raise bad("plateau_factor", "a number in (0, 1)")
         if not _is_number(self.label_smoothing) or not 0 <= self.label_smoothing < 1:
             raise bad("label_smoothing", "a number in [0, 1)")
+        if not _is_number(self.ema_decay) or not (self.ema_decay == 0 or 0 < self.ema_decay < 1):
+            raise bad("ema_decay", "0 (off) or a number in (0, 1), e.g. 0.998")
         if self.optimizer not in OPTIMIZERS:
             raise bad("optimizer", f"one of {', '.join(OPTIMIZERS)}")
         if self.scheduler not in SCHEDULERS:
             raise bad("scheduler", f"one of {', '.join(SCHEDULERS)}")
+        if self.select_on not in SELECT_ON:
+            raise bad("select_on", f"one of {', '.join(SELECT_ON)}")
         if self.amp not in AMP_CHOICES:
             raise bad("amp", f"one of {', '.join(AMP_CHOICES)}")
         if self.warmup_epochs and self.scheduler != "cosine":
@@ -144,8 +162,9 @@ class TrainConfig:
             raise bad("eval_batch_size", "a positive integer or None")
         if not _is_int(self.seed) or self.seed < 0:
             raise bad("seed", "an integer >= 0")
-        if not isinstance(self.channels_last, bool):
-            raise bad("channels_last", "true or false")
+        for name in ("channels_last", "decay_norm_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false")
         resolve_device(self.device)  # unknown or unavailable device → ConfigError now, not mid-run
 
 
@@ -202,6 +221,15 @@ def _split_head(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter
 
 
 def _make_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    if not cfg.decay_norm_bias and cfg.weight_decay > 0:
+        # as timm's create_optimizer_v2: biases and normalisation weights (every 1-D parameter) get no decay
+        split = []
+        for group in groups:
+            decay = [p for p in group["params"] if p.ndim > 1]
+            plain = [p for p in group["params"] if p.ndim <= 1]
+            split += [g for g in ({**group, "params": decay}, {**group, "params": plain, "weight_decay": 0.0})
+                      if g["params"]]
+        groups = split
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -231,19 +259,20 @@ def _make_scheduler(
     return None
 
 
-def _check_data(train: ArrayData, val: ArrayData, test: ArrayData | None) -> None:
+def _check_data(train: ArrayData, val: ArrayData | None, test: ArrayData | None, cfg: TrainConfig) -> None:
     for name, data in (("train", train), ("val", val), ("test", test)):
-        if data is None:
+        if data is None and name != "train":
             continue
         if not isinstance(data, ArrayData):
             raise DataError(f"fit: {name} must be an ArrayData; got {type(data).__name__}")
         if len(data) == 0:
             raise DataError(f"fit: the {name} set is empty")
-    shapes = {
-        name: d.image_shape for name, d in (("train", train), ("val", val), ("test", test)) if d is not None
-    }
+    shapes = {name: d.image_shape for name, d in (("val", val), ("test", test)) if d is not None}
     if len(set(shapes.values())) > 1:
-        raise DataError(f"fit: all sets must have the same image size; got {shapes}")
+        raise DataError(f"fit: val and test must have the same image size; got {shapes}")
+    if val is None and (cfg.scheduler == "plateau" or cfg.early_stopping_patience > 0):
+        raise ConfigError("fit: without a validation set (a refit) nothing can drive scheduler='plateau' or "
+                          "early stopping; use scheduler 'cosine' or 'none' and early_stopping_patience=0")
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -254,7 +283,7 @@ class _FitLoop:
         self,
         model: nn.Module,
         train: ArrayData,
-        val: ArrayData,
+        val: ArrayData | None,
         test: ArrayData | None,
         cfg: TrainConfig,
         train_transform: BatchTransform,
@@ -276,6 +305,7 @@ class _FitLoop:
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         self.num_classes = self._probe_num_classes()
+        self.ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
         self.drop_last = len(train) >= cfg.batch_size
         self.steps_per_epoch = len(train) // cfg.batch_size if self.drop_last else 1
@@ -299,10 +329,9 @@ class _FitLoop:
 
     # -- setup ---------------------------------------------------------------------------------------------
     def _probe_num_classes(self) -> int:
-        """Run one validation image through the model to learn its number of classes (and fail early)."""
-        x, _ = next(
-            iterate_batches(self.val, 1, shuffle=False, generator=None, device=self.device, prefetch=False)
-        )
+        """Run one evaluation image through the model to learn its number of classes (and fail early)."""
+        probe = next(d for d in (self.val, self.test, self.train) if d is not None)
+        x, _ = next(iterate_batches(probe, 1, shuffle=False, generator=None, device=self.device, prefetch=False))
         logits = infer_logits(
             self.model,
             [x],
@@ -344,6 +373,7 @@ class _FitLoop:
             "epochs_without_improvement": self.epochs_without_improvement,
             "stopped_early": self.stopped_early,
             "rng": capture_rng(self._generators()),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
     def _generators(self) -> dict[str, torch.Generator]:
@@ -387,6 +417,8 @@ class _FitLoop:
         self.epochs_without_improvement = ckpt["epochs_without_improvement"]
         self.stopped_early = ckpt["stopped_early"]
         restore_rng(ckpt["rng"], self._generators())
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["ema"])
 
     # -- one epoch -----------------------------------------------------------------------------------------
     def _freeze_backbone(self, frozen: bool) -> None:
@@ -412,6 +444,8 @@ class _FitLoop:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model)
         # Accuracy against the hard labels, also under mixup (an approximation there, as usual).
         return loss.detach() * y.shape[0], (logits.detach().argmax(dim=1) == y).sum()
 
@@ -449,19 +483,25 @@ class _FitLoop:
             window_loss += batch_loss
             seen += y.shape[0]
             window_seen += y.shape[0]
+            # Checked every log_every_steps steps and always after the last step of the epoch, so a loss that
+            # turns NaN/inf inside a window (it stays non-finite in the window's sum) is caught by the epoch's end.
             if step % self.cfg.log_every_steps == 0 or step == self.steps_per_epoch:
                 mean_loss = float(window_loss) / window_seen  # the only host sync of the step loop
                 if not math.isfinite(mean_loss):
-                    raise CarsmlError(
-                        f"training diverged: loss is {mean_loss} at epoch {epoch} step {step}; lower "
-                        f"TrainConfig.lr (now {self.cfg.lr}) or enable grad_clip"
-                    )
+                    raise self._diverged(f"train loss is {mean_loss} at epoch {epoch} step {step}")
                 now = time.perf_counter()
                 self.callbacks.on_batch_end(
                     epoch, step, self.steps_per_epoch, mean_loss, window_seen / max(now - window_start, 1e-9)
                 )
                 window_loss, window_seen, window_start = torch.zeros((), device=self.device), 0, now
         return float(loss_sum) / seen, float(correct) / seen, time.perf_counter() - start, lrs
+
+    def _diverged(self, what: str) -> CarsmlError:
+        return CarsmlError(
+            f"training diverged: {what}; lower TrainConfig.lr (now {self.cfg.lr}"
+            + (f", head_lr {self.cfg.head_lr}" if self.cfg.head_lr is not None else "")
+            + ") or enable grad_clip"
+        )
 
     def _evaluate(self, data: ArrayData) -> EvalResult:
         labels: list[Tensor] = []
@@ -493,8 +533,43 @@ class _FitLoop:
         """Train, evaluate, update best / early stopping / plateau; returns the epoch's metrics."""
         start = time.perf_counter()
         train_loss, train_acc, train_seconds, lrs = self._train_epoch(epoch)
+        with self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext():
+            return self._evaluate_and_select(epoch, train_loss, train_acc, train_seconds, lrs, start)
+
+    def _evaluate_and_select(self, epoch: int, train_loss: float, train_acc: float, train_seconds: float,
+                             lrs: list[float], start: float) -> dict[str, float]:
+        """The epoch's evaluation (of the averaged weights with EMA) and the selection that follows it."""
+        if self.val is None:
+            return self._finish_epoch_without_val(epoch, train_loss, train_acc, train_seconds, lrs, start)
         val = self._evaluate(self.val)
-        metrics = {"train_loss": train_loss, "train_acc": train_acc, "val_loss": val.loss, "val_acc": val.acc}
+        if not math.isfinite(val.loss):
+            # An optimizer step can turn the weights NaN/inf after the train loss was computed (still finite);
+            # the validation pass shows it. Without this check such a model could be selected as the best.
+            raise self._diverged(
+                f"val loss is {val.loss} after epoch {epoch} (train loss {train_loss:.4g}): the model no "
+                "longer gives finite outputs"
+            )
+        metrics = self._epoch_metrics({"train_loss": train_loss, "train_acc": train_acc, "val_loss": val.loss,
+                                       "val_acc": val.acc}, train_seconds, lrs, start)
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(val.loss)
+        if self.cfg.select_on == "val_loss":  # the same rule on (-loss, -acc): lower loss first, then higher accuracy
+            better = is_better(-val.loss, -val.acc, -self.best_loss, -self.best_acc)
+        else:
+            better = is_better(val.acc, val.loss, self.best_acc, self.best_loss)
+        if better:
+            self.best_epoch, self.best_acc, self.best_loss = epoch, val.acc, val.loss
+            self.best_state = cpu_state_dict(self.model)
+            self.epochs_without_improvement = 0
+        else:
+            self.epochs_without_improvement += 1
+        patience = self.cfg.early_stopping_patience
+        self.stopped_early = patience > 0 and self.epochs_without_improvement >= patience
+        return metrics
+
+    def _epoch_metrics(self, metrics: dict[str, float], train_seconds: float, lrs: list[float],
+                       start: float) -> dict[str, float]:
+        """Add the (reported only) test metrics, learning rates and timings to an epoch's metrics."""
         if self.test is not None:
             test = self._evaluate(self.test)  # reported only, never used for any decision
             metrics.update(test_loss=test.loss, test_acc=test.acc)
@@ -503,17 +578,16 @@ class _FitLoop:
             metrics["lr_head"] = lrs[1]
         metrics["epoch_seconds"] = time.perf_counter() - start
         metrics["images_per_second"] = self._train_images() / train_seconds
+        return metrics
 
-        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step(val.loss)
-        if is_better(val.acc, val.loss, self.best_acc, self.best_loss):
-            self.best_epoch, self.best_acc, self.best_loss = epoch, val.acc, val.loss
-            self.best_state = cpu_state_dict(self.model)
-            self.epochs_without_improvement = 0
-        else:
-            self.epochs_without_improvement += 1
-        patience = self.cfg.early_stopping_patience
-        self.stopped_early = patience > 0 and self.epochs_without_improvement >= patience
+    def _finish_epoch_without_val(self, epoch: int, train_loss: float, train_acc: float, train_seconds: float,
+                                  lrs: list[float], start: float) -> dict[str, float]:
+        """A refit's epoch: nothing to select on, so the latest epoch is the result."""
+        if not math.isfinite(train_loss):
+            raise self._diverged(f"train loss is {train_loss} after epoch {epoch}")
+        metrics = self._epoch_metrics({"train_loss": train_loss, "train_acc": train_acc}, train_seconds, lrs, start)
+        self.best_epoch, self.best_acc, self.best_loss = epoch, math.nan, math.nan
+        self.best_state = cpu_state_dict(self.model)
         return metrics
 
     def _train_images(self) -> int:
@@ -544,7 +618,7 @@ class _FitLoop:
             amp_dtype=self.amp_dtype,
             num_classes=self.num_classes,
             num_train=len(self.train),
-            num_val=len(self.val),
+            num_val=len(self.val) if self.val is not None else 0,
             num_test=len(self.test) if self.test else 0,
             steps_per_epoch=self.steps_per_epoch,
             start_epoch=len(self.history) + 1,
@@ -568,7 +642,7 @@ class _FitLoop:
 def fit(
     model: nn.Module,
     train: ArrayData,
-    val: ArrayData,
+    val: ArrayData | None,
     cfg: TrainConfig,
     *,
     train_transform: BatchTransform,
@@ -578,14 +652,14 @@ def fit(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
 ) -> FitResult:
-    """Train `model` on `train`, select the best epoch on `val`; see the module docstring for conventions.
+    """Train `model` on `train`, select the best epoch on `val` (None: keep the last); see the module docstring.
 
     Seeds everything with `cfg.seed` first (seed before building the model for reproducible initial weights
     too). Exceptions from callbacks propagate after `on_fit_error`; the checkpoint of the finished epoch is
     already on disk by then, so `resume=True` carries on after it.
     """
     cfg.validate()
-    _check_data(train, val, test)
+    _check_data(train, val, test, cfg)
     if resume and checkpoint_dir is None:
         raise ConfigError("fit: resume=True needs a checkpoint_dir")
     hooks = CallbackList(callbacks)

@@ -21,7 +21,7 @@ from carsml.engine.device import seed_everything
 from carsml.engine.loader import ArrayData
 from carsml.errors import CarsmlError
 from carsml.experiments.common import cache_root, limit_classes, model_kwargs, resolve_dataset
-from carsml.experiments.train import decode, epoch_key, fit_and_log, train_config
+from carsml.experiments.train import augment_images, decode, epoch_key, fit_and_log, train_config
 from carsml.models.factory import create_model
 from carsml.tracking import figures
 from carsml.tracking.runs import log_csv, log_dataset, log_figure, setup_tracking, start_run
@@ -57,6 +57,8 @@ def run(cfg: dict[str, Any]) -> pd.DataFrame:
             held_out = {f"val_fold{i}": va for i, (_, va) in enumerate(folds)}
             log_csv(membership_table(train_rows.table["fname"], held_out), "data/fold_membership.csv")
         all_train = ArrayData(train_rows.images, train_rows.labels)
+        augment_rows = augment_images(cfg, dataset, train_rows)
+        augment = ArrayData(augment_rows.images, augment_rows.labels)
         test = ArrayData(test_rows.images, test_rows.labels) if test_rows is not None else None
         rows, histories, confusion = [], [], None
         for fold, (train_idx, val_idx) in enumerate(folds):
@@ -76,7 +78,7 @@ def run(cfg: dict[str, Any]) -> pd.DataFrame:
                 mlflow.set_tag("carsml.checkpoint_dir", str(ckpt))
                 seed_everything(cfg["seed"] + fold)  # each fold's initial weights repeat
                 model = create_model(cfg["model"], dataset.num_classes, cfg["image_size"], **model_kwargs(cfg))
-                trained = fit_and_log(cfg, model, dataset.class_names, all_train.subset(train_idx),
+                trained = fit_and_log(cfg, model, dataset.class_names, augment.subset(train_idx),
                                       all_train.subset(val_idx), test, checkpoint_dir=ckpt, resume=resume,
                                       info_extra={"fold": fold})
             rows.append({"fold": fold, "run_id": fold_run.info.run_id,

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,9 +36,10 @@ from carsml.tracking import figures
 from carsml.tracking.models import log_model
 from carsml.tracking.runs import log_csv, log_dataset, log_figure, setup_tracking, start_run
 
-TRAIN_KEYS = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "scheduler", "warmup_epochs",
-              "plateau_factor", "plateau_patience", "label_smoothing", "grad_clip", "early_stopping_patience",
-              "amp", "channels_last", "device", "seed", "head_lr", "freeze_backbone_epochs")
+TRAIN_KEYS = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "decay_norm_bias", "scheduler",
+              "warmup_epochs", "plateau_factor", "plateau_patience", "label_smoothing", "ema_decay", "grad_clip",
+              "early_stopping_patience", "select_on", "amp", "channels_last", "device", "seed", "head_lr",
+              "freeze_backbone_epochs")
 
 
 def train_config(cfg: dict[str, Any]) -> TrainConfig:
@@ -49,7 +51,22 @@ def train_config(cfg: dict[str, Any]) -> TrainConfig:
     tc.validate()
     if "augmentation" in cfg:  # unknown policies raise here, before any run exists
         build_transform(cfg["augmentation"], mixup=cfg.get("mixup", 0.0), cutmix=cfg.get("cutmix", 0.0))
+    train_side(cfg)
     return tc
+
+
+def train_side(cfg: dict[str, Any]) -> int:
+    """Side of the cached images the training augmentation reads: `image_size` x `cache_scale`.
+
+    A side larger than the model's input lets a random crop sample real pixels rather than upsample a small image;
+    validation, test, analysis and serving always see the whole image at `image_size`.
+    """
+    scale, size = cfg.get("cache_scale", 1.0), int(cfg["image_size"])
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale >= 1.0 or scale > 8:
+        shown = round(size * scale) if isinstance(scale, (int, float)) and math.isfinite(scale) else scale
+        raise ConfigError(f"cache_scale={scale!r}: the training cache side ({shown} px) must be at least the "
+                          f"training size image_size={size} px; expected a factor in [1, 8]")
+    return max(size, round(size * scale))
 
 
 # The per-epoch test curves (reported, never selected on) get their own keys so that `test_acc` / `test_loss` hold one
@@ -96,14 +113,18 @@ class Trained:
     model_uri: str | None
 
 
-def decode(cfg: dict[str, Any], dataset: Dataset, split: str) -> DecodedImages | None:
-    """Decoded crops of one official split (None when the dataset has no such split); skipped files are logged."""
+def decode(cfg: dict[str, Any], dataset: Dataset, split: str, side: int | None = None) -> DecodedImages | None:
+    """Decoded crops of one official split at `side` px (default `image_size`; None when the dataset has no such
+    split); skipped files are logged."""
     rows = dataset.split(split)
     if rows.empty:
         return None
-    with progress_bar(f"decoding {split} images") as update:
-        decoded = build_cache(rows, cfg["image_size"], cache_dir=cache_root(cfg), use_boxes=cfg["use_boxes"],
+    side = side or cfg["image_size"]
+    with progress_bar(f"decoding {split} images" + (f" at {side} px" if side != cfg["image_size"] else "")) as update:
+        decoded = build_cache(rows, side, cache_dir=cache_root(cfg), use_boxes=cfg["use_boxes"],
                               margin=cfg["crop_margin"], skip_unreadable=cfg["skip_unreadable"], progress=update)
+    if side != cfg["image_size"]:
+        return decoded  # the same rows as the image_size cache, whose skipped files are logged
     if decoded.skipped and mlflow.active_run():
         log_csv(pd.DataFrame(decoded.skipped, columns=["path", "reason"]), f"data/skipped_{split}.csv")
         mlflow.log_metric(f"{split}_images_skipped", len(decoded.skipped))
@@ -122,7 +143,7 @@ def fit_and_log(
     model: Any,
     class_names: list[str],
     train: ArrayData,
-    val: ArrayData,
+    val: ArrayData | None,
     test: ArrayData | None,
     *,
     checkpoint_dir: Path | None = None,
@@ -130,13 +151,16 @@ def fit_and_log(
     callbacks: tuple[Callback, ...] = (),
     info_extra: dict[str, Any] | None = None,
 ) -> Trained:
-    """Train with the shared engine inside the active run; log curves, finals, confusion matrix and the best model."""
+    """Train with the shared engine inside the active run; log curves, finals, confusion matrix and the best model.
+
+    `val=None` is a refit: nothing is selected, the last epoch is the model and no val_* metric is logged."""
     run_id = mlflow.active_run().info.run_id
     tc = train_config(cfg)
     data_cfg = resolve_data_config(model)
-    train_tf = build_transform(cfg["augmentation"], mean=data_cfg["mean"], std=data_cfg["std"],
+    size = int(cfg["image_size"])
+    train_tf = build_transform(cfg["augmentation"], size=size, mean=data_cfg["mean"], std=data_cfg["std"],
                                mixup=cfg.get("mixup", 0.0), cutmix=cfg.get("cutmix", 0.0))
-    eval_tf = build_transform("none", mean=data_cfg["mean"], std=data_cfg["std"])
+    eval_tf = build_transform("none", size=size, mean=data_cfg["mean"], std=data_cfg["std"])
     n_params = count_parameters(model)
     mlflow.log_metric("n_params", n_params)
     result = fit(model, train, val, tc, train_transform=train_tf, eval_transform=eval_tf, test=test,
@@ -144,9 +168,10 @@ def fit_and_log(
                  checkpoint_dir=checkpoint_dir, resume=resume)
     model.load_state_dict(result.best_state_dict)
     history = pd.DataFrame(result.history)
-    finals = {"best_val_acc": result.best_val_acc, "best_val_loss": result.best_val_loss,
-              "best_epoch": float(result.best_epoch), "n_params": float(n_params),
+    finals = {"best_epoch": float(result.best_epoch), "n_params": float(n_params),
               "train_seconds": result.train_seconds, "epochs_run": float(result.epochs_run)}
+    if val is not None:
+        finals.update(best_val_acc=result.best_val_acc, best_val_loss=result.best_val_loss)
     test_result = None
     if test is not None:
         test_result = evaluate(model, test, eval_tf, batch_size=tc.eval_batch_size or tc.batch_size,
@@ -163,7 +188,7 @@ def fit_and_log(
         log_confusion(test_result, class_names, "test")
     model_uri = None
     if cfg.get("log_model", True):
-        examples = np.asarray(test.images[:2] if test is not None else val.images[:2])
+        examples = np.asarray((test if test is not None else val if val is not None else train).images[:2])
         info = info_for(model, class_names, cfg["image_size"], source_run_id=run_id, **(info_extra or {}))
         model_uri = log_model(model.cpu(), info, examples)
     if checkpoint_dir is not None and not cfg.get("keep_checkpoints", False):
@@ -205,18 +230,53 @@ def resume_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], Path]:
     return resumed, folder
 
 
+def refit_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config of a refit: the finished selection run `refit_run_id`'s own options, trained on every training image
+    (train + val) for the number of epochs that run selected on validation (its `best_epoch`). Checked before any work:
+    the test split plays no part in the choice, and a refit is logged as its own run tagged with the selection run."""
+    run_id = cfg["refit_run_id"]
+    try:
+        run = MlflowClient().get_run(run_id)
+    except Exception as exc:  # noqa: BLE001 - MlflowException or a connection error, both mean "cannot refit"
+        raise CarsmlError(f"refit_run_id={run_id!r}: no such MLflow run ({exc})") from None
+    entry = run.data.tags.get("carsml.entry_point")
+    if entry != cfg["entry_point"]:
+        raise ConfigError(f"refit_run_id={run_id!r} is a {entry!r} run, not {cfg['entry_point']!r}; refit with "
+                          f"`carsml {str(entry).replace('_', '-')} --refit-run-id {run_id}`")
+    if run.data.params.get("refit_run_id"):
+        raise ConfigError(f"refit_run_id={run_id!r} is itself a refit (of {run.data.params['refit_run_id']}); pass "
+                          "the selection run")
+    if run.info.status != "FINISHED" or "best_epoch" not in run.data.metrics:
+        raise ConfigError(f"refit_run_id={run_id!r}: the selection run is {run.info.status} without a best epoch; a "
+                          "refit needs a FINISHED selection run (resume it first with --resume-run-id)")
+    refit = load_config(cfg["entry_point"], {**run.data.params, "refit_run_id": run_id,
+                                             "resume_run_id": cfg["resume_run_id"],
+                                             "epochs": int(run.data.metrics["best_epoch"])})
+    if refit["scheduler"] == "plateau" or refit["early_stopping_patience"] > 0:
+        raise ConfigError(f"refit_run_id={run_id!r}: a refit has no validation split to drive "
+                          f"scheduler={refit['scheduler']!r} / early_stopping_patience="
+                          f"{refit['early_stopping_patience']}; select with scheduler cosine or none and no early "
+                          "stopping (e.g. recipe=carsml), then refit")
+    if refit["scheduler"] == "cosine" and refit.get("warmup_epochs", 0) >= refit["epochs"]:
+        raise ConfigError(f"refit_run_id={run_id!r}: the selection run's best epoch ({refit['epochs']}) lies inside "
+                          f"its {refit['warmup_epochs']}-epoch warm-up, so there is no budget to refit with; train "
+                          "the selection run longer or with fewer warmup_epochs")
+    return refit
+
+
 @dataclass
 class Splits:
     """The decoded official splits and the stratified train/val split of the official train set."""
 
-    train_rows: DecodedImages
+    train_rows: DecodedImages  # at image_size: validation (and the rows' table)
     test_rows: DecodedImages | None
     train_idx: np.ndarray  # positions in train_rows
     val_idx: np.ndarray
+    augment_rows: DecodedImages  # the same rows at train_side(cfg): what the training augmentation reads
 
     @property
     def train(self) -> ArrayData:
-        return ArrayData(self.train_rows.images, self.train_rows.labels).subset(self.train_idx)
+        return ArrayData(self.augment_rows.images, self.augment_rows.labels).subset(self.train_idx)
 
     @property
     def val(self) -> ArrayData:
@@ -234,7 +294,22 @@ def load_splits(cfg: dict[str, Any], dataset: Dataset) -> Splits:
     if train_rows is None:
         raise DataError(f"dataset {dataset.root}: no images in the official train split; transfer needs them")
     train_idx, val_idx = train_val_split(train_rows.labels, cfg["val_fraction"], cfg["seed"])
-    return Splits(train_rows, decode(cfg, dataset, "test"), train_idx, val_idx)
+    test_rows = decode(cfg, dataset, "test")
+    if cfg.get("refit_run_id"):  # every training image trains; nothing is held out (the selection run chose)
+        train_idx, val_idx = np.arange(len(train_rows.labels)), np.arange(0)
+    return Splits(train_rows, test_rows, train_idx, val_idx, augment_images(cfg, dataset, train_rows))
+
+
+def augment_images(cfg: dict[str, Any], dataset: Dataset, train_rows: DecodedImages) -> DecodedImages:
+    """The official train split as the training augmentation reads it: `train_rows` itself, or the same rows cached at
+    `train_side(cfg)` when `cache_scale` > 1."""
+    side = train_side(cfg)
+    if side == cfg["image_size"]:
+        return train_rows
+    larger = decode(cfg, dataset, "train", side)
+    if not larger.table["path"].equals(train_rows.table["path"]):  # pragma: no cover - same files, same decoder
+        raise DataError(f"the train split cached at {side} px holds other images than at {cfg['image_size']} px")
+    return larger
 
 
 def train_in_run(cfg: dict[str, Any], dataset: Dataset, model: Any, splits: Splits, *,
@@ -251,7 +326,8 @@ def train_in_run(cfg: dict[str, Any], dataset: Dataset, model: Any, splits: Spli
             log_dataset(dataset, splits.test_rows.table, "test")
         log_csv(membership_table(splits.train_rows.table["fname"], {"train": splits.train_idx, "val": splits.val_idx}),
                 "data/split_membership.csv")
-    return fit_and_log(cfg, model, dataset.class_names, splits.train, splits.val, splits.test,
+    val = splits.val if len(splits.val_idx) else None
+    return fit_and_log(cfg, model, dataset.class_names, splits.train, val, splits.test,
                        checkpoint_dir=checkpoint_dir, resume=resume, info_extra=info_extra)
 
 
@@ -272,12 +348,16 @@ def run(cfg: dict[str, Any], *, build: Callable[..., Any] = build_model,
     checkpoint_dir = None
     if cfg["resume_run_id"]:
         cfg, checkpoint_dir = resume_config(cfg)
+    refit_of = cfg.get("refit_run_id", "")
+    if refit_of:
+        cfg = refit_config(cfg)
     train_config(cfg)  # validate before any work
     dataset = limit_classes(resolve_dataset(cfg), cfg["max_classes"])
     model = build(cfg, dataset.num_classes, for_resume=checkpoint_dir is not None)
     tags = extra_tags(cfg)
-    with start_run(cfg["entry_point"], cfg, run_name=f"{cfg['entry_point']}-{cfg['model']}",
-                   resume_run_id=cfg["resume_run_id"], tags={"carsml.model": cfg["model"], **tags}):
+    run_tags = {"carsml.model": cfg["model"], **tags, **({"carsml.selection_run_id": refit_of} if refit_of else {})}
+    run_name = f"{cfg['entry_point']}-{cfg['model']}" + ("-refit" if refit_of else "")
+    with start_run(cfg["entry_point"], cfg, run_name=run_name, resume_run_id=cfg["resume_run_id"], tags=run_tags):
         return train_in_run(cfg, dataset, model, load_splits(cfg, dataset), checkpoint_dir=checkpoint_dir,
                             resume=checkpoint_dir is not None,
                             info_extra={k.removeprefix("carsml."): v for k, v in tags.items()} or None)

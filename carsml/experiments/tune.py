@@ -33,7 +33,7 @@ from carsml.engine.callbacks import Callback
 from carsml.engine.loader import ArrayData
 from carsml.errors import CarsmlError, ConfigError
 from carsml.experiments.common import limit_classes, model_kwargs, resolve_dataset
-from carsml.experiments.train import decode, fit_and_log, train_config
+from carsml.experiments.train import augment_images, decode, fit_and_log, train_config
 from carsml.models.factory import create_model
 from carsml.tracking.runs import log_csv, log_dataset, log_figure, log_text, setup_tracking, start_run
 
@@ -359,9 +359,9 @@ def run(cfg: dict[str, Any]) -> TuneResult:
         train_idx, val_idx = train_val_split(rows.labels, cfg["val_fraction"], cfg["seed"])
         log_csv(membership_table(rows.table["fname"], {"train": train_idx, "val": val_idx}),
                 "data/split_membership.csv")
-        all_train = ArrayData(rows.images, rows.labels)
-        ctx = _Context(cfg, space, dataset.class_names, all_train.subset(train_idx), all_train.subset(val_idx),
-                       result)
+        all_train, augment = ArrayData(rows.images, rows.labels), augment_images(cfg, dataset, rows)
+        ctx = _Context(cfg, space, dataset.class_names, ArrayData(augment.images, augment.labels).subset(train_idx),
+                       all_train.subset(val_idx), result)
         study.optimize(lambda trial: _objective(ctx, trial), n_trials=cfg["n_trials"] or None,
                        timeout=cfg["timeout"] or None, catch=(Exception,), gc_after_trial=True)
         _summarise(study, cfg, result)
