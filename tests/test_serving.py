@@ -1,6 +1,8 @@
 """`mlflow models serve` of the promoted models: real JPEGs in, labels and top-5 out; every bad payload is a 4xx with
-a clear message (each bad request is its own test case) and the server keeps answering; a request mixing good and
-bad rows is refused as a whole, naming the bad rows.
+a clear message (each bad request is its own test case) and the server answers a good request right after it; a
+request mixing good and bad rows is refused as a whole, naming the bad rows. Abuse within the per-image limits (too
+many rows, too many pixels or bytes in all, formats other than JPEG/PNG) is refused from the headers, in less time than
+decoding one of its images, and leaves the server's memory (RSS) within SERVER_RSS_BOUND.
 
 One module-wide store holds a tiny resnet50 transfer run, its RandomForest head and the promotion; one server per
 registered model (`models:/<name>@champion`) runs on a free 127.0.0.1 port and is always stopped.
@@ -25,14 +27,32 @@ import mlflow
 import pandas as pd
 import pytest
 import requests
+from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from carsml.cli import run_experiment
-from carsml.tracking.pyfunc_model import MAX_IMAGE_BYTES, MAX_PIXELS
+from carsml.tracking.pyfunc_model import (
+    MAX_IMAGE_BYTES,
+    MAX_PIXELS,
+    MAX_REQUEST_BYTES,
+    MAX_REQUEST_PIXELS,
+    MAX_ROWS,
+    SERVE_THREADS_ENV,
+    decode_images,
+    default_threads,
+    serve_threads,
+)
 from tests.test_promote import COLOURS, NET, RF, build_store, tracking_env
 
 STARTUP_TIMEOUT_S = 240  # loading torch and a resnet50 on a busy CI machine
 CLASS_NAMES = [f"colour_{i}" for i in range(len(COLOURS))]
+MIB = 1024 * 1024
+# What one server (the `mlflow models serve` process group: the CLI and uvicorn with the 32-px resnet50) may hold after
+# the abuse in test_after_the_abuse_the_servers_memory_stays_bounded (docs/serving.md, "Limits"): measured ~1.2 GiB
+# after startup and up to ~1.6 GiB after the abuse on 2 cores; most of the growth is the scoring server's own copies of
+# a 43 MB request body, which glibc keeps for reuse. Repeating the abuse does not grow it further.
+SERVER_RSS_BOUND = 2 * 1024 * MIB
+SERVER_RSS_GROWTH = 768 * MIB  # after the abuse vs right after startup
 
 
 def free_port() -> int:
@@ -50,6 +70,7 @@ class Server:
         bin_dir = str(Path(sys.executable).parent)  # uvicorn and mlflow must come from the venv
         env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": tracking_uri}
         self.log = log
+        self.rss_at_start = 0  # set once the server is ready
         self.proc = subprocess.Popen(
             [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
              "-h", "127.0.0.1", "-p", str(self.port)],
@@ -82,6 +103,38 @@ class Server:
         body = data if data is not None else json.dumps(payload)
         return requests.post(f"{self.url}/invocations", data=body, headers={"Content-Type": content_type}, timeout=120)
 
+    def rss(self) -> int:
+        """Resident memory (bytes) of the server's whole process group: the CLI and uvicorn's process."""
+        return group_rss(self.proc.pid)
+
+
+def group_rss(pgid: int) -> int:
+    """Sum of VmRSS over the processes of process group `pgid` (psutil when installed, else /proc)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        return sum(p.info["memory_info"].rss for p in psutil.process_iter(["memory_info"])
+                   if p.info["memory_info"] is not None and _pgid(p.pid) == pgid)
+    total = 0
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and _pgid(int(proc.name)) == pgid:
+            try:
+                status = (proc / "status").read_text()
+            except OSError:
+                continue
+            total += next((int(line.split()[1]) * 1024 for line in status.splitlines()
+                           if line.startswith("VmRSS:")), 0)
+    return total
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
 
 @pytest.fixture(scope="module")
 def promoted(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str, Any]:
@@ -100,6 +153,7 @@ def servers(promoted: dict[str, Any]) -> Iterator[dict[str, Server]]:
     try:
         for server in started.values():
             server.wait_ready()
+            server.rss_at_start = server.rss()
         yield started
     finally:
         for server in started.values():
@@ -117,8 +171,12 @@ def real_jpegs(shared_data: Path, n: int) -> list[str]:
 
 
 def png(width: int, height: int, mode: str = "RGB") -> str:
+    return encoded(width, height, "PNG", mode)
+
+
+def encoded(width: int, height: int, fmt: str, mode: str = "RGB") -> str:
     buf = io.BytesIO()
-    Image.new(mode, (width, height)).save(buf, format="PNG")
+    Image.new(mode, (width, height)).save(buf, format=fmt)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -160,6 +218,14 @@ def too_big() -> str:
     return base64.b64encode(os.urandom(MAX_IMAGE_BYTES + 1024)).decode("ascii")
 
 
+def big_in_all() -> list[str]:
+    """Base64 text of rows within MAX_IMAGE_BYTES each but over MAX_REQUEST_BYTES together (refused before base64
+    decoding, so the text need not be an image)."""
+    per_row = MAX_IMAGE_BYTES - MIB
+    return ["A" * (per_row // 3 * 4)] * (MAX_REQUEST_BYTES // per_row + 1)
+
+
+LARGE_PNG = png(6000, 6000)  # 36 Mpx (allowed alone: under MAX_PIXELS and MAX_REQUEST_PIXELS), ~140 KB of base64
 GOOD_AND_BAD = [png(24, 16), "not base64 !!!", png(16, 24)]  # one bad row among good ones refuses the whole request
 MIXED_MESSAGE = ("1 of 3 row(s) have a bad `image` (row 1); the request was refused as a whole, nothing was predicted: "
                  "row 1: `image` is not valid base64")
@@ -185,6 +251,18 @@ BAD_REQUESTS: dict[str, tuple[Callable[[], dict[str, Any]], int, str]] = {
     "wrong content type": (lambda: {"data": "image=...", "content_type": "text/plain"}, 415,
                            "This predictor only supports the following content types"),
     "body not JSON": (lambda: {"data": "{not json"}, 400, "valid JSON"),
+    "too many rows": (lambda: {"payload": frame([GOOD_AND_BAD[0]] * (MAX_ROWS + 1))}, 400,
+                      f"the request has {MAX_ROWS + 1} rows, more than the {MAX_ROWS} allowed per request"),
+    "too many pixels in all": (lambda: {"payload": frame([png(6000, 6000, mode="1")] * 3)}, 400,
+                               f"the request's 3 images have 108,000,000 pixels to decode in all, more than the "
+                               f"{MAX_REQUEST_PIXELS:,} allowed per request"),
+    "too many bytes in all": (lambda: {"payload": frame(big_in_all())}, 400,
+                              f"MiB in all, more than the {MAX_REQUEST_BYTES // MIB} MiB allowed per request"),
+    "GIF": (lambda: {"payload": frame([encoded(8, 8, "GIF")])}, 400,
+            "row 0: `image` is a GIF file; only JPEG and PNG images are accepted"),
+    "BMP among good rows": (lambda: {"payload": frame([GOOD_AND_BAD[0], encoded(8, 8, "BMP")])}, 400,
+                            "1 of 2 row(s) have a bad `image` (row 1); the request was refused as a whole, nothing "
+                            "was predicted: row 1: `image` is a BMP file; only JPEG and PNG images are accepted"),
 }
 
 
@@ -202,6 +280,9 @@ def test_bad_request_is_4xx_with_a_clear_message(servers: dict[str, Server], cas
     response = servers[NET].post(**make())
     assert response.status_code == status, response.text[:1000]
     assert fragment in message(response), response.text[:1000]
+    good = servers[NET].post(frame([GOOD_AND_BAD[0]]))  # and the server answers the next request
+    assert good.status_code == 200, good.text[:1000]
+    check_predictions(good.json()["predictions"], 1)
 
 
 def test_after_bad_requests_the_server_still_answers_and_the_rf_champion_refuses_them_the_same_way(
@@ -214,8 +295,91 @@ def test_after_bad_requests_the_server_still_answers_and_the_rf_champion_refuses
     response = server.post(frame(good))
     assert response.status_code == 200, response.text[:1000]
     check_predictions(response.json()["predictions"], 2)
-    for case in ("invalid base64", "good and bad rows mixed", "body not JSON"):
+    for case in ("invalid base64", "good and bad rows mixed", "body not JSON", "too many rows", "GIF",
+                 "too many pixels in all"):
         make, status, fragment = BAD_REQUESTS[case]
         response = rf.post(**make())
         assert response.status_code == status and fragment in message(response), (case, response.text[:1000])
     check_predictions(rf.post(frame(good)).json()["predictions"], 2)
+
+
+def timed_post(server: Server, payload: dict[str, Any]) -> tuple[requests.Response, float]:
+    start = time.perf_counter()
+    response = server.post(payload)
+    return response, time.perf_counter() - start
+
+
+def test_many_large_allowed_images_are_refused_from_their_headers_faster_than_one_is_decoded(
+        servers: dict[str, Server]) -> None:
+    server = servers[NET]
+    ones = [timed_post(server, frame([LARGE_PNG])) for _ in range(2)]  # allowed: decoded and predicted
+    for one, _ in ones:
+        assert one.status_code == 200, one.text[:1000]
+        check_predictions(one.json()["predictions"], 1)
+    decode_one = min(seconds for _, seconds in ones)
+    abusive = [LARGE_PNG] * MAX_ROWS  # 64 x 36 Mpx: each allowed, ~40 s of decoding together on 2 cores
+    refusals = [timed_post(server, frame(abusive)) for _ in range(2)]
+    for response, _ in refusals:
+        assert response.status_code == 400, response.text[:1000]
+        assert (f"the request's {MAX_ROWS} images have {MAX_ROWS * 36_000_000:,} pixels to decode in all, more than "
+                f"the {MAX_REQUEST_PIXELS:,} allowed per request") in message(response)
+    refused_in = min(seconds for _, seconds in refusals)
+    # nothing was decoded: refusing all of them costs less than decoding one (and far less than the server timeout)
+    assert refused_in < decode_one and refused_in < 30, (refused_in, decode_one)
+    assert server.post(frame([GOOD_AND_BAD[0]])).status_code == 200
+
+
+def test_after_the_abuse_the_servers_memory_stays_bounded(servers: dict[str, Server]) -> None:
+    """The heaviest requests (the largest allowed image, many large images, an image over MAX_IMAGE_BYTES, a request
+    over MAX_REQUEST_BYTES) twice each, then the RSS of each server's process group."""
+    heavy = [frame([LARGE_PNG]), frame([LARGE_PNG] * MAX_ROWS), frame([too_big()]), frame(big_in_all())]
+    for _ in range(2):
+        for payload in heavy:
+            assert servers[NET].post(payload).status_code in (200, 400)
+        assert servers[RF].post(heavy[0]).status_code == 200
+    for name, server in servers.items():
+        rss = server.rss()
+        assert rss > 0, name
+        assert rss < SERVER_RSS_BOUND and rss - server.rss_at_start < SERVER_RSS_GROWTH, (
+            name, f"RSS {rss / MIB:.0f} MiB, {server.rss_at_start / MIB:.0f} MiB after startup")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# In-process: the thread setting and the order of the checks (no server needed)
+
+
+def test_serve_threads_comes_from_the_environment_or_the_default() -> None:
+    assert serve_threads({}) == default_threads() >= 1
+    assert serve_threads({SERVE_THREADS_ENV: " 3 "}) == 3
+    assert default_threads(2) == 1 and default_threads(1) == 1 and default_threads(16) == 8
+    for bad in ("0", "-2", "two", "1.5"):
+        with pytest.raises(MlflowException, match=f"{SERVE_THREADS_ENV}='{bad}' is invalid"):
+            serve_threads({SERVE_THREADS_ENV: bad})
+
+
+def test_no_image_is_decoded_when_any_row_or_budget_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    from carsml.tracking import pyfunc_model
+
+    decoded: list[int] = []
+    finish = pyfunc_model.finish_image
+    monkeypatch.setattr(pyfunc_model, "finish_image", lambda opened, row, size: decoded.append(row) or finish(
+        opened, row, size))
+    small = png(20, 10)
+    for values in ([small, small, encoded(8, 8, "GIF")], [small] + [png(6000, 6000, mode="1")] * 3,
+                   [small] * (MAX_ROWS + 1)):
+        with pytest.raises(MlflowException, match="nothing was predicted"):
+            decode_images(values, 8)
+    assert decoded == []
+    assert decode_images([small, small], 8).shape == (2, 8, 8, 3) and decoded == [0, 1]
+
+
+def test_jpegs_count_at_their_reduced_decoding_scale(monkeypatch: pytest.MonkeyPatch) -> None:
+    from carsml.tracking import pyfunc_model
+
+    jpeg = encoded(4000, 3000, "JPEG")  # 12 Mpx as stored; 500 x 375 decoded for a 64-px model (1/8 scale)
+    assert pyfunc_model.open_image(jpeg, 0, 64).pixels == 500 * 375
+    assert pyfunc_model.open_image(png(4000, 3000), 0, 64).pixels == 12_000_000
+    monkeypatch.setattr(pyfunc_model, "MAX_REQUEST_PIXELS", 20_000_000)
+    assert decode_images([jpeg] * 2, 64).shape == (2, 64, 64, 3)
+    with pytest.raises(MlflowException, match="24,000,000 pixels to decode in all"):
+        decode_images([png(4000, 3000)] * 2, 64)

@@ -107,7 +107,7 @@ def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.rint(np.clip(values, 0, 65535) / 257.0).astype(np.uint8), mode="L")
 
 
-def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
+def _to_rgb(img: Image.Image, path: str | Path) -> Image.Image:
     """Any PIL mode -> RGB; transparency is composited on white (cut-out shots keep a clean background)."""
     mode = img.mode
     if mode == "RGB" and "transparency" not in img.info:
@@ -127,7 +127,7 @@ def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
         raise DataError(f"{path}: image mode {mode!r} cannot be converted to RGB") from exc
 
 
-def _decode(img: Image.Image, path: Path) -> Image.Image:
+def _decode(img: Image.Image, path: str | Path) -> Image.Image:
     """Fully decode a lazily opened image, orient it upright and convert it to RGB."""
     try:
         if getattr(img, "is_animated", False):
@@ -184,39 +184,71 @@ def crop_to_box(img: Image.Image, box: tuple[int, int, int, int], margin: float 
     return img.crop(_grow_and_clip(box, margin, img.width, img.height))
 
 
+class CropPlan(NamedTuple):
+    """How `finish_crop` turns an opened image into its crop."""
+
+    region: tuple[int, int, int, int] | None  # 0-based x1, y1, x2, y2 (exclusive), displayed frame; None: all of it
+    scale: float  # how many full-scale pixels one decoded pixel covers (JPEG draft: 1, 2, 4 or 8)
+    raw_size: tuple[int, int]  # width, height as stored, at full scale
+
+
+def plan_crop(
+    img: Image.Image, box: tuple[int, int, int, int] | None, size: int, margin: float = 0.0, where: str = ""
+) -> CropPlan:
+    """Plan the decode of a lazily opened image (header parsed, pixels not read) into a size x size crop of `box`
+    (None = whole image), grown by `margin`.
+
+    A JPEG whose crop is at least twice `size` is set to decode at a reduced DCT scale (PIL draft: 1/2, 1/4 or 1/8)
+    that keeps the crop's short side >= `size`; afterwards `img.size` is the size that will be decoded. Without a box
+    nothing is read beyond the header (PIL reads a whole PNG to find its EXIF; a box needs the orientation first).
+    `where` names the image in errors.
+    """
+    raw_w, raw_h = img.size
+    region = None
+    short_side = min(raw_w, raw_h)
+    if box is not None:
+        width, height = (raw_h, raw_w) if _orientation(img) in _SWAPS_AXES else (raw_w, raw_h)
+        region = _grow_and_clip(box, margin, width, height, where)
+        short_side = min(region[2] - region[0], region[3] - region[1])
+    scale = 1.0
+    if img.format == "JPEG" and short_side >= 2 * size:
+        # A raw size at which the crop's short side is still >= size; draft picks the largest DCT
+        # reduction that keeps the image at least that big, the same factor on both axes.
+        wanted = (math.ceil(raw_w * size / short_side), math.ceil(raw_h * size / short_side))
+        drafted = img.draft(None, wanted)
+        if drafted is not None:
+            scale = raw_w / drafted[1][2]
+    return CropPlan(region, scale, (raw_w, raw_h))
+
+
+def finish_crop(img: Image.Image, plan: CropPlan, size: int, where: str | Path = "") -> np.ndarray:
+    """Decode an image planned by `plan_crop`: RGB, upright, cropped, resized to size x size (bilinear,
+    antialiased); uint8 HxWx3. Raises DataError naming `where` for corrupt or truncated pixels."""
+    rgb = _decode(img, where)
+    region = plan.region
+    if region is None:  # the whole image, upright (its orientation is known now that it is decoded)
+        raw_w, raw_h = plan.raw_size
+        region = (0, 0, raw_h, raw_w) if _orientation(img) in _SWAPS_AXES else (0, 0, raw_w, raw_h)
+    limits = (rgb.width, rgb.height, rgb.width, rgb.height)
+    scaled = tuple(min(v / plan.scale, limit) for v, limit in zip(region, limits, strict=True))
+    out = rgb.resize((size, size), Image.Resampling.BILINEAR, box=scaled)
+    return np.asarray(out, dtype=np.uint8)
+
+
 def load_crop(
     path: str | Path, box: tuple[int, int, int, int] | None, size: int, margin: float = 0.0
 ) -> np.ndarray:
     """Decode, RGB, crop to `box` (None = whole image), resize to size x size (bilinear, antialiased).
 
     Returns uint8 HxWx3. JPEGs whose crop is at least twice `size` are decoded at a reduced DCT scale (PIL
-    draft: 1/2, 1/4 or 1/8) that keeps the crop's short side >= `size`; the box is rescaled to match.
+    draft: 1/2, 1/4 or 1/8) that keeps the crop's short side >= `size`; the box is rescaled to match
+    (`plan_crop` + `finish_crop`, which the serving adapter uses on uploaded bytes too).
     """
     if size < 1:
         raise ConfigError(f"image size {size} is invalid; expected a positive number of pixels")
     path = Path(path)
     img = _open_lazy(path)
     try:
-        width, height = img.size
-        if _orientation(img) in _SWAPS_AXES:
-            width, height = height, width
-        region = (0, 0, width, height)
-        if box is not None:
-            region = _grow_and_clip(box, margin, width, height, str(path))
-        short_side = min(region[2] - region[0], region[3] - region[1])
-        scale = 1.0
-        if img.format == "JPEG" and short_side >= 2 * size:
-            raw_w, raw_h = img.size
-            # A raw size at which the crop's short side is still >= size; draft picks the largest DCT
-            # reduction that keeps the image at least that big, the same factor on both axes.
-            wanted = (math.ceil(raw_w * size / short_side), math.ceil(raw_h * size / short_side))
-            drafted = img.draft(None, wanted)
-            if drafted is not None:
-                scale = raw_w / drafted[1][2]
-        rgb = _decode(img, path)
-        limits = (rgb.width, rgb.height, rgb.width, rgb.height)
-        scaled = tuple(min(v / scale, limit) for v, limit in zip(region, limits, strict=True))
-        out = rgb.resize((size, size), Image.Resampling.BILINEAR, box=scaled)
+        return finish_crop(img, plan_crop(img, box, size, margin, str(path)), size, path)
     finally:
         img.close()
-    return np.asarray(out, dtype=np.uint8)

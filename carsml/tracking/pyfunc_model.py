@@ -1,10 +1,23 @@
 """MLflow pyfunc adapter (models-from-code): base64 images in, labels and top-5 out.
 
-Input: a DataFrame with a string column `image` holding base64-encoded JPEG/PNG bytes (clients send `dataframe_split`).
-Output per row: `label`, `class_id` (0-based), `score`, and `top5_labels` / `top5_scores` (JSON lists).
-Bad rows raise MlflowException(INVALID_PARAMETER_VALUE), which `mlflow models serve` answers with HTTP 400: every row
-is checked first, and one bad row refuses the whole request with a message naming every bad row (never a partial
-answer). The whole frame is predicted as one batch. Images larger than MAX_IMAGE_BYTES or MAX_PIXELS are refused.
+Input: a DataFrame with a string column `image` holding base64-encoded JPEG or PNG bytes (clients send
+`dataframe_split`). Output per row: `label`, `class_id` (0-based), `score`, and `top5_labels` / `top5_scores` (JSON
+lists). Bad requests raise MlflowException(INVALID_PARAMETER_VALUE), which `mlflow models serve` answers with HTTP 400;
+one bad row refuses the whole request with a message naming every bad row (never a partial answer).
+
+Limits (docs/serving.md), checked from the cheapest end so an abusive request is refused before anything expensive:
+the row count (MAX_ROWS) and the request's total bytes (MAX_REQUEST_BYTES, from the base64 lengths) first; then the
+header of every row — size in bytes (MAX_IMAGE_BYTES), format (JPEG or PNG, from the file's signature), pixels per image
+(MAX_PIXELS) — and the total pixels to decode (MAX_REQUEST_PIXELS); only when all of that passes is any image decoded.
+Decoding is the training decoder's (`carsml.data.images.plan_crop` / `finish_crop`: EXIF orientation, alpha on white,
+JPEGs at a reduced DCT scale when they are at least twice the model's input size), spread over a small thread pool
+(PIL releases the GIL while it decodes).
+
+Threads: the scoring server calls `predict` from a pool of worker threads, and every thread that runs torch gets its
+own OpenMP team; teams on the same cores slow each other down, and an OpenMP team waits for its slowest thread at every
+layer. So the network only ever runs on this model's own inference threads: usable cores // CARSML_SERVE_THREADS of
+them, each with CARSML_SERVE_THREADS torch intra-op threads (default `default_threads()`: 1 on 2 cores), loaded there
+too; a batch is split across them. The rest of the process keeps torch's own thread setting.
 """
 
 from __future__ import annotations
@@ -13,6 +26,14 @@ import base64
 import binascii
 import io
 import json
+import os
+import struct
+import threading
+import weakref
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
 
 import mlflow
 import numpy as np
@@ -21,98 +42,305 @@ import torch
 from mlflow.exceptions import MlflowException
 from PIL import Image, UnidentifiedImageError
 
-MAX_IMAGE_BYTES = 20 * 1024 * 1024  # per image, decoded from base64
-MAX_PIXELS = 40_000_000  # width x height
+from carsml.data.images import CropPlan, finish_crop, plan_crop
+from carsml.errors import DataError
+
+MIB = 1024 * 1024
+MAX_ROWS = 64  # images per request: bounds the forward pass (time and activation memory) of one request
+MAX_REQUEST_BYTES = 32 * MIB  # all images of a request together, decoded from base64
+MAX_IMAGE_BYTES = 20 * MIB  # per image, decoded from base64
+MAX_PIXELS = 40_000_000  # per image, width x height as stored
+MAX_REQUEST_PIXELS = 100_000_000  # all images of a request together, as decoded (a drafted JPEG at its reduced scale)
+PARALLEL_DECODE_MAX_PIXELS = 4_000_000  # larger images are decoded one at a time (memory: ~4-20 bytes per pixel)
 MAX_ROWS_DESCRIBED = 10  # bad rows whose problem a refusal spells out (all bad row indexes are listed)
+FORMATS = "JPEG and PNG"  # what is accepted, as messages and docs name it
+SERVE_THREADS_ENV = "CARSML_SERVE_THREADS"
+MAX_DECODE_THREADS = 8  # the decoding pool: one thread per usable core, at most this many
+
+# File signatures: the accepted formats, and a few others so a refusal can say what was sent.
+_ACCEPTED_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"))
+_OTHER_SIGNATURES = ((b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"),
+                     (b"MM\x00*", "TIFF"), (b"\x00\x00\x01\x00", "ICO"), (b"8BPS", "PSD"), (b"%PDF", "PDF"),
+                     (b"\xff\x0a", "JPEG XL"), (b"\x00\x00\x00\x0cJXL ", "JPEG XL"))
+_FTYP_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF"}
+# What PIL raises on damaged headers or pixel data besides OSError.
+_PIL_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: taskset / cgroup cpusets), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads(cores: int | None = None) -> int:
+    """torch intra-op threads per forward when CARSML_SERVE_THREADS is unset: half the usable cores, at least 1.
+
+    Measured on 2 cores shared with other work (benchmarks/serving.py, docs/serving.md): with one thread the served
+    forward kept pace with the bare one (p50 ~1.2x for one image); with two, the OpenMP threads waited on each other at
+    every layer whenever either was preempted, and the served p50 went to ~5x (p95 ~40x). The other half of the cores
+    is left to decoding, HTTP and JSON, and to a second inference thread (batches are split across them).
+    """
+    return max(1, (cores or usable_cores()) // 2)
+
+
+def serve_threads(environ: Mapping[str, str] | None = None) -> int:
+    """torch intra-op threads per forward: CARSML_SERVE_THREADS (a positive integer) or `default_threads()`."""
+    raw = (os.environ if environ is None else environ).get(SERVE_THREADS_ENV, "").strip()
+    if not raw:
+        return default_threads()
+    try:
+        threads = int(raw)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise MlflowException.invalid_parameter_value(
+            f"{SERVE_THREADS_ENV}={raw!r} is invalid: expected a positive whole number of torch threads per forward "
+            f"pass (unset: {default_threads()} on this machine)")
+    return threads
+
+
+def _bad(message: str) -> MlflowException:
+    return MlflowException.invalid_parameter_value(message)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """'JPEG' or 'PNG' from the file's signature; None for anything else."""
+    for signature, name in _ACCEPTED_SIGNATURES:
+        if data.startswith(signature):
+            return name
+    return None
+
+
+def _other_format(data: bytes) -> str | None:
+    """The name of a recognisable non-accepted image format, for the refusal message."""
+    for signature, name in _OTHER_SIGNATURES:
+        if data.startswith(signature):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if data[4:8] == b"ftyp":
+        return _FTYP_BRANDS.get(data[8:12])
+    return None
+
+
+class OpenedImage(NamedTuple):
+    """A row whose header passed every check: the lazily opened image and how it will be decoded."""
+
+    image: Image.Image
+    plan: CropPlan
+    pixels: int  # pixels the decoder will produce (a drafted JPEG at its reduced scale)
+
+
+def open_image(text: object, row: int, size: int) -> OpenedImage:
+    """Check one row from its header only (nothing is decoded): a non-empty base64 string of at most MAX_IMAGE_BYTES,
+    a JPEG or PNG by its signature, at most MAX_PIXELS; plan its decode to size x size. Errors name the row."""
+    if not isinstance(text, str) or not text:
+        raise _bad(f"row {row}: `image` must be a non-empty base64 string")
+    if len(text) * 3 // 4 > MAX_IMAGE_BYTES:
+        raise _bad(f"row {row}: image is larger than {MAX_IMAGE_BYTES // MIB} MiB")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad(f"row {row}: `image` is not valid base64") from None
+    fmt = sniff_format(data)
+    if fmt is None:
+        other = _other_format(data)
+        if other is not None:
+            raise _bad(f"row {row}: `image` is a {other} file; only {FORMATS} images are accepted")
+        raise _bad(f"row {row}: `image` bytes are not a readable JPEG/PNG image")
+    try:
+        img = Image.open(io.BytesIO(data), formats=[fmt])  # the header only
+    except Image.DecompressionBombError:  # PIL refuses > 2 x its own limit before our size check can run
+        raise _bad(f"row {row}: image has more than {MAX_PIXELS:,} pixels") from None
+    except _PIL_ERRORS:
+        raise _bad(f"row {row}: `image` bytes are not a readable JPEG/PNG image") from None
+    try:
+        if img.width * img.height > MAX_PIXELS:
+            raise _bad(f"row {row}: image is {img.width}x{img.height}, more than {MAX_PIXELS:,} pixels")
+        plan = plan_crop(img, None, size)
+        return OpenedImage(img, plan, img.width * img.height)
+    except MlflowException:
+        img.close()
+        raise
+    except _PIL_ERRORS:  # a header PIL parsed but cannot plan (e.g. a broken EXIF block it cannot skip)
+        img.close()
+        raise _bad(f"row {row}: `image` bytes are not a readable JPEG/PNG image") from None
+
+
+def finish_image(opened: OpenedImage, row: int, size: int) -> np.ndarray:
+    """Decode a row checked by `open_image` into uint8 size x size x 3 (the training decoder); closes the image."""
+    try:
+        return finish_crop(opened.image, opened.plan, size, f"row {row}")
+    except (DataError, *_PIL_ERRORS):
+        raise _bad(f"row {row}: `image` bytes are not a readable JPEG/PNG image (corrupt or truncated pixel data)"
+                   ) from None
+    finally:
+        opened.image.close()
 
 
 def decode_image(text: object, row: int, size: int) -> np.ndarray:
     """Base64 text → RGB uint8 array resized to size x size; clear errors naming the row."""
-    if not isinstance(text, str) or not text:
-        raise MlflowException.invalid_parameter_value(f"row {row}: `image` must be a non-empty base64 string")
-    if len(text) * 3 // 4 > MAX_IMAGE_BYTES:
-        raise MlflowException.invalid_parameter_value(
-            f"row {row}: image is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MiB")
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise MlflowException.invalid_parameter_value(f"row {row}: `image` is not valid base64") from None
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > MAX_PIXELS:
-                raise MlflowException.invalid_parameter_value(
-                    f"row {row}: image is {img.width}x{img.height}, more than {MAX_PIXELS:,} pixels")
-            from PIL import ImageOps
-
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(background, rgba)
-            elif img.mode.startswith("I") or img.mode == "F":
-                arr = np.asarray(img, dtype=np.float64)
-                img = Image.fromarray(np.clip(arr / max(arr.max(), 1) * 255, 0, 255).astype(np.uint8))
-            img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-            return np.asarray(img)
-    except Image.DecompressionBombError:  # PIL refuses > 2 x its own limit before our size check can run
-        raise MlflowException.invalid_parameter_value(
-            f"row {row}: image has more than {MAX_PIXELS:,} pixels") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise MlflowException.invalid_parameter_value(
-            f"row {row}: `image` bytes are not a readable JPEG/PNG image") from None
+    return finish_image(open_image(text, row, size), row, size)
 
 
-def decode_images(values: pd.Series | list[object], size: int) -> np.ndarray:
-    """Decode every row with `decode_image` into one N x size x size x 3 batch.
+def _refusal(problems: dict[int, str], rows: int) -> MlflowException:
+    bad = sorted(problems)
+    listed = ", ".join(map(str, bad[:100])) + (", ..." if len(bad) > 100 else "")
+    details = "; ".join(problems[row] for row in bad[:MAX_ROWS_DESCRIBED])
+    if len(bad) > MAX_ROWS_DESCRIBED:
+        details += f"; ... ({len(bad) - MAX_ROWS_DESCRIBED} more)"
+    return _bad(f"{len(bad)} of {rows} row(s) have a bad `image` (row {listed}); the request was refused as a whole, "
+                f"nothing was predicted: {details}")
 
-    All rows are checked before anything is predicted: when any is bad, the whole request is refused with one
-    MlflowException(INVALID_PARAMETER_VALUE) naming every bad row index and what is wrong with (the first
-    MAX_ROWS_DESCRIBED of) them.
+
+def check_request(values: list[object]) -> None:
+    """The per-request limits that need no decoding at all: MAX_ROWS and MAX_REQUEST_BYTES."""
+    if len(values) > MAX_ROWS:
+        raise _bad(f"the request has {len(values)} rows, more than the {MAX_ROWS} allowed per request; the request "
+                   f"was refused as a whole, nothing was predicted: send at most {MAX_ROWS} images per request")
+    total = sum(len(v) * 3 // 4 for v in values if isinstance(v, str))
+    if total > MAX_REQUEST_BYTES:
+        raise _bad(f"the request's images have {total / MIB:.1f} MiB in all, more than the "
+                   f"{MAX_REQUEST_BYTES // MIB} MiB allowed per request; the request was refused as a whole, "
+                   f"nothing was predicted: send fewer or smaller images")
+
+
+def decode_images(values: pd.Series | Iterable[object], size: int,
+                  pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+    """Check every row, then decode them all into one N x size x size x 3 uint8 batch (on `pool` when given).
+
+    Nothing is decoded until every row's header has passed and the request is within MAX_ROWS, MAX_REQUEST_BYTES and
+    MAX_REQUEST_PIXELS; any failure refuses the whole request with one MlflowException(INVALID_PARAMETER_VALUE) that
+    names every bad row index and what is wrong with (the first MAX_ROWS_DESCRIBED of) them, or states the limit.
     """
-    images, problems = [], {}
-    for row, value in enumerate(values):
-        try:
-            images.append(decode_image(value, row, size))
-        except MlflowException as exc:
-            problems[row] = exc.message
-    if problems:
-        bad = list(problems)
-        listed = ", ".join(map(str, bad[:100])) + (", ..." if len(bad) > 100 else "")
-        details = "; ".join(problems[row] for row in bad[:MAX_ROWS_DESCRIBED])
-        if len(bad) > MAX_ROWS_DESCRIBED:
-            details += f"; ... ({len(bad) - MAX_ROWS_DESCRIBED} more)"
-        raise MlflowException.invalid_parameter_value(
-            f"{len(bad)} of {len(images) + len(bad)} row(s) have a bad `image` (row {listed}); the request was "
-            f"refused as a whole, nothing was predicted: {details}")
-    return np.stack(images)
+    values = list(values)
+    check_request(values)
+    opened: dict[int, OpenedImage] = {}
+    problems: dict[int, str] = {}
+    try:
+        for row, value in enumerate(values):
+            try:
+                opened[row] = open_image(value, row, size)
+            except MlflowException as exc:
+                problems[row] = exc.message
+        if problems:
+            raise _refusal(problems, len(values))
+        pixels = sum(o.pixels for o in opened.values())
+        if pixels > MAX_REQUEST_PIXELS:
+            raise _bad(f"the request's {len(values)} images have {pixels:,} pixels to decode in all, more than the "
+                       f"{MAX_REQUEST_PIXELS:,} allowed per request (a JPEG at least twice the model's input size "
+                       f"counts at the reduced scale it is decoded at); the request was refused as a whole, nothing "
+                       f"was predicted: send fewer or smaller images")
+
+        def one(row: int) -> np.ndarray | str:
+            try:
+                return finish_image(opened.pop(row), row, size)
+            except MlflowException as exc:
+                return exc.message
+
+        # small images side by side on the pool (PIL releases the GIL while decoding); large ones one at a time, so
+        # that at most one large image is in memory at once
+        small = [row for row, item in opened.items() if item.pixels <= PARALLEL_DECODE_MAX_PIXELS]
+        results: dict[int, np.ndarray | str] = {}
+        if pool is not None and len(small) > 1:
+            results.update(zip(small, pool.map(one, small), strict=True))
+        for row in range(len(values)):
+            if row not in results:
+                results[row] = one(row)
+        problems = {row: r for row, r in results.items() if isinstance(r, str)}
+        if problems:
+            raise _refusal(problems, len(values))
+        return np.stack([results[row] for row in range(len(values))])
+    finally:
+        for item in list(opened.values()):  # rows never decoded (a refusal): release their bytes
+            item.image.close()
 
 
 class CarsImageClassifier(mlflow.pyfunc.PythonModel):
     """Serves a carsml network (bundle artifact) — predictions for a batch of base64 images."""
 
+    threads: int = 1  # torch intra-op threads per forward (CARSML_SERVE_THREADS)
+    slots: int = 1  # inference threads: forwards (or parts of one batch) that run at once; threads x slots <= cores
+    decode_threads: int = 1  # images decoded at once within a request
+    _infer: ThreadPoolExecutor | None = None
+    _decode: ThreadPoolExecutor | None = None
+
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         from carsml.data.transforms import build_transform
         from carsml.tracking.models import load_bundle
 
-        self.model, self.info = load_bundle(context.artifacts["bundle"])
+        self.start_threads()
+        # loaded on an inference thread: torch work of the process happens on those threads only (one OpenMP team each)
+        self.model, self.info = self.run_torch(load_bundle, context.artifacts["bundle"])
         self.class_names = self.info["class_names"]
         self.size = int(self.info["image_size"])
         self.transform = build_transform("none", mean=self.info["mean"], std=self.info["std"])
 
-    def features_and_probs(self, images: np.ndarray) -> np.ndarray:
-        """Softmax probabilities for uint8 N x H x W x 3 images."""
+    def start_threads(self) -> None:
+        """Create the inference threads (CARSML_SERVE_THREADS torch threads each) and the decoding pool."""
+        for pool in (self._infer, self._decode):  # loaded again: the old threads end once idle
+            if pool is not None:
+                pool.shutdown(wait=False)
+        cores = usable_cores()
+        self.threads = serve_threads()
+        self.slots = max(1, cores // self.threads)
+        self.decode_threads = min(cores, MAX_DECODE_THREADS)
+        outside = torch.get_num_threads()  # what the rest of the process uses, kept after the pool is set up
+        threads, started = self.threads, threading.Barrier(self.slots + 1)  # (init must not hold on to `self`)
+
+        def init() -> None:
+            # torch sets up a thread's OpenMP size lazily, from the process default, on its first use; do that first,
+            # or the restore below would overwrite this thread's setting on its first forward
+            torch.get_num_threads()
+            torch.set_num_threads(threads)  # this thread's OpenMP team size (and torch's process default...)
+            started.wait(timeout=120)
+
+        self._infer = ThreadPoolExecutor(self.slots, thread_name_prefix="carsml-infer", initializer=init)
+        for _ in range(self.slots):  # start every inference thread now, so none changes the setting later
+            self._infer.submit(int)
+        started.wait(timeout=120)  # BrokenBarrierError rather than a hang if a thread failed to start
+        torch.set_num_threads(outside)  # ... which is restored here: only the inference threads use `threads`
+        self._decode = (ThreadPoolExecutor(self.decode_threads, thread_name_prefix="carsml-decode")
+                        if self.decode_threads > 1 else None)
+        for pool in (self._infer, self._decode):
+            if pool is not None:  # idle threads end when the model is dropped (tests load many models)
+                weakref.finalize(self, pool.shutdown, wait=False)
+
+    def run_torch(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` on an inference thread (directly when none was started, e.g. in a bare instance)."""
+        if self._infer is None:
+            return fn(*args)
+        return self._infer.submit(fn, *args).result()
+
+    def run_batched(self, fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
+        """`fn(images)` for a batch, split into one part per inference thread that run side by side (each with
+        `threads` torch threads and no OpenMP barrier between them); the parts' outputs concatenated in order."""
+        parts = min(self.slots, len(images)) if self._infer is not None else 1
+        if parts <= 1:
+            return self.run_torch(fn, images)
+        futures = [self._infer.submit(fn, part) for part in np.array_split(images, parts)]
+        return np.concatenate([future.result() for future in futures])
+
+    def _probs(self, images: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
         with torch.inference_mode():
             logits = self.model(self.transform(x, train=False))
         return torch.softmax(logits.float(), dim=1).numpy()
 
+    def features_and_probs(self, images: np.ndarray) -> np.ndarray:
+        """Softmax probabilities for uint8 N x H x W x 3 images."""
+        return self.run_batched(self._probs, images)
+
     def decode_frame(self, model_input: pd.DataFrame) -> np.ndarray:
         """Validate the request frame and decode its images into one batch."""
         if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
-            raise MlflowException.invalid_parameter_value("input must be a DataFrame with a string column `image`")
+            raise _bad("input must be a DataFrame with a string column `image`")
         if len(model_input) == 0:
-            raise MlflowException.invalid_parameter_value("input frame is empty: send at least one row")
-        return decode_images(model_input["image"], self.size)
+            raise _bad("input frame is empty: send at least one row")
+        return decode_images(model_input["image"], self.size, self._decode)
 
     def format(self, probs: np.ndarray) -> pd.DataFrame:
         """Rows of label / class_id / score / top-5 from probabilities."""
