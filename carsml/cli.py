@@ -16,6 +16,7 @@ from rich.console import Console
 from carsml.config import entry_points, load_config, options
 from carsml.errors import CarsmlError
 from carsml.experiments import REGISTRY
+from carsml.tracking.runs import quiet_mlflow
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Dataset helpers: generate the synthetic dataset, analyse a dataset.", no_args_is_help=True)
@@ -30,6 +31,17 @@ def run_experiment(name: str, overrides: dict[str, Any] | None = None, *, passes
     cfg = load_config(name, overrides, passes_defaults=passes_defaults)
     module, func = REGISTRY[name][1].split(":")
     return getattr(importlib.import_module(module), func)(cfg)
+
+
+def _print_summary() -> None:
+    """The closing lines of every entry point: what ran, its key result, the model and where to look next."""
+    import mlflow
+
+    from carsml.tracking.summary import run_summary
+
+    run = mlflow.last_active_run()
+    if run is not None:
+        print("\n".join(["", *run_summary(run.info.run_id)]))
 
 
 def _fail(exc: Exception) -> None:
@@ -50,12 +62,19 @@ def _register(name: str, command_name: str, target: typer.Typer) -> None:
                                  help=f"{opt.help} (default: {opt.default!r})"),
         ))
 
-    def command(**kwargs: Any) -> None:
+    params.append(inspect.Parameter(
+        "verbose", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+        default=typer.Option(False, "--verbose", help="Show MLflow's own INFO lines and artifact progress bars."),
+    ))
+
+    def command(verbose: bool = False, **kwargs: Any) -> None:
+        quiet_mlflow(not verbose)
         try:
             # `mlflow run` (which sets MLFLOW_RUN_ID for the command) passes every MLproject parameter, defaults too
             run_experiment(name, kwargs, passes_defaults=bool(os.environ.get("MLFLOW_RUN_ID")))
         except CarsmlError as exc:
             _fail(exc)
+        _print_summary()
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     first_line = (Path(__file__).parents[1] / "experiments" / f"{name}.yaml").read_text().splitlines()[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -61,3 +62,37 @@ def test_empty_data_directory(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty"):
         run_experiment("data_analysis", {"data": str(tmp_path / "empty")})
+
+
+def _carsml(args: list[str], env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    import os
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    return subprocess.run([str(bin_dir / "carsml"), *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env_extra})
+
+
+TINY_ARGS = ["--synth-classes", "4", "--synth-images-per-class", "16", "--image-size", "32", "--head-widths", "64,32",
+             "--epochs", "2", "--batch-size", "16", "--device", "cpu"]
+
+
+def test_a_training_command_ends_with_a_summary_and_without_mlflow_info_lines(tmp_path: Path) -> None:
+    import os
+
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/quiet.db", "CARSML_CACHE": os.environ["CARSML_CACHE"]}
+    done = _carsml(["improved", *TINY_ARGS], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    client = mlflow.tracking.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (logged,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    metrics, tags = logged.data.metrics, logged.data.tags
+    assert f"run       {logged.info.run_id}  improved-improved_cnn  FINISHED" in output
+    assert f"model     {tags['carsml.model_uri']}" in output and tags["carsml.model_uri"].startswith("models:/")
+    assert f"best val acc {metrics['best_val_acc']:.4f} · test acc {metrics['test_acc']:.4f}" in output
+    assert f"#/experiments/{logged.info.experiment_id}/runs/{logged.info.run_id}" in output
+    assert f"next      carsml errors --run-id {logged.info.run_id}" in output
+    assert " INFO mlflow" not in output and "Downloading artifacts" not in output
+    verbose = _carsml(["improved", *TINY_ARGS, "--epochs", "1", "--verbose"],
+                      {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/verbose.db"})
+    assert verbose.returncode == 0 and " INFO mlflow" in verbose.stdout + verbose.stderr

@@ -513,6 +513,34 @@ def test_rich_progress_quiet_without_terminal() -> None:
     assert "epoch 1/1" in term.getvalue()
 
 
+def test_one_progress_bar_spans_every_fit_of_a_job() -> None:
+    from carsml.progress import job_plan, planned_fits
+
+    term = io.StringIO()
+    console = Console(file=term, force_terminal=True, width=160)
+    with planned_fits(3, "fold") as plan:
+        for _ in range(3):
+            run(tiny_net(), cfg(epochs=1), callbacks=[RichProgress(console)])
+        assert plan.done == 3 and plan.progress is None  # the bar ends with the job's last fit
+    shown = term.getvalue()
+    assert "fold 1/3 · epoch 1/1" in shown and "fold 3/3 · epoch 1/1" in shown and "ETA" in shown
+    assert job_plan().fits == 1  # the plan ends with the block
+
+
+def test_a_long_job_on_a_cpu_says_so_after_its_first_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from carsml.engine import callbacks
+
+    out = io.StringIO()
+    monkeypatch.setattr(callbacks, "LONG_JOB_SECONDS", -1.0)  # any estimate counts as long
+    run(tiny_net(), cfg(epochs=3), callbacks=[RichProgress(Console(file=out, force_terminal=False))])
+    notes = [line for line in out.getvalue().splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and callbacks.QUICK_FLAGS in notes[0] and "more minutes on this CPU" in notes[0]
+    quiet = io.StringIO()
+    monkeypatch.setattr(callbacks, "LONG_JOB_SECONDS", 1e9)
+    run(tiny_net(), cfg(epochs=3), callbacks=[RichProgress(Console(file=quiet, force_terminal=False))])
+    assert "note:" not in quiet.getvalue()
+
+
 # ---------------------------------------------------------------------------------------------- training options
 class DtypeProbe(TinyNet):
     def __init__(self) -> None:

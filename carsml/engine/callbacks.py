@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from carsml.progress import job_plan
+
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress, TaskID
@@ -112,10 +114,16 @@ def format_epoch(epoch: int, total: int, metrics: dict[str, float]) -> str:
     return " | ".join(parts)
 
 
-class RichProgress(Callback):
-    """A rich progress bar per epoch (steps, loss, images/s) on a terminal, and one summary line per epoch.
+LONG_JOB_SECONDS = 15 * 60  # a job estimated to take longer than this on a CPU says so after its first epoch
+QUICK_FLAGS = "--image-size 64 --epochs 15 --batch-size 32 --head-widths 512,256 --lr 0.001"  # the README's demo
 
-    When the output is not a terminal (CI logs, files) only the summary lines are printed.
+
+class RichProgress(Callback):
+    """One progress bar over the whole job (every epoch of every planned fit: `carsml.progress.planned_fits`) with an
+    ETA, on a terminal, and one summary line per epoch. After the job's first epoch, a job estimated to take longer
+    than LONG_JOB_SECONDS on a CPU says so and names the README's quick demo flags.
+
+    When the output is not a terminal (CI logs, files) only the lines are printed.
     """
 
     def __init__(self, console: Console | None = None) -> None:
@@ -123,57 +131,67 @@ class RichProgress(Callback):
 
         self.console = console if console is not None else Console(file=sys.stdout)
         self.total_epochs = 0
-        self._progress: Progress | None = None
-        self._task: TaskID | None = None
-        self._epoch = 0
+        self.steps = 1
+        self.device_type = "cpu"
+        self._epochs_seen = 0
 
     @property
     def interactive(self) -> bool:
         return bool(self.console.is_terminal)
 
     def on_fit_start(self, state: FitState) -> None:
-        self.total_epochs = state.cfg.epochs
+        self.total_epochs, self.steps = state.cfg.epochs, max(1, state.steps_per_epoch)
+        self.device_type = state.device.type
         if state.resumed:
             self.console.print(f"resuming at epoch {state.start_epoch}/{state.cfg.epochs}")
 
-    def _start_bar(self, epoch: int, num_steps: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    def _bar(self) -> tuple[Progress, TaskID]:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self._stop_bar()
-        self._progress = Progress(
-            TextColumn(f"epoch {epoch}/{self.total_epochs}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"),
-            TextColumn("{task.fields[ips]:.0f} img/s"),
-            TimeElapsedColumn(),
-            console=self.console,
-            transient=True,  # the bar disappears; the epoch's summary line replaces it
-        )
-        self._progress.start()
-        self._task = self._progress.add_task("train", total=num_steps, loss=float("nan"), ips=0.0)
-        self._epoch = epoch
+        plan = job_plan()
+        if plan.progress is None or plan.progress.console is not self.console:
+            plan.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
+                TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=True)
+            plan.progress.start()
+            plan.progress.add_task("train", total=plan.fits * self.total_epochs * self.steps, loss=float("nan"),
+                                   ips=0.0)
+        return plan.progress, plan.progress.task_ids[0]
 
     def _stop_bar(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-        self._progress, self._task = None, None
+        plan = job_plan()
+        if plan.progress is not None and (plan.done >= plan.fits or plan.fits == 1):
+            plan.progress.stop()
+            plan.progress = None
 
     def on_batch_end(
         self, epoch: int, step: int, num_steps: int, loss: float, images_per_second: float
     ) -> None:
         if not self.interactive:
             return
-        if self._progress is None or epoch != self._epoch:
-            self._start_bar(epoch, num_steps)
-        assert self._progress is not None and self._task is not None
-        self._progress.update(self._task, completed=step, loss=loss, ips=images_per_second)
+        plan = job_plan()
+        progress, task = self._bar()
+        unit = f"{plan.unit} {plan.done + 1}/{plan.fits} · " if plan.fits > 1 else ""
+        progress.update(task, completed=(plan.done * self.total_epochs + epoch - 1) * self.steps + step,
+                        description=f"{unit}epoch {epoch}/{self.total_epochs}", loss=loss, ips=images_per_second)
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
-        self._stop_bar()
         self.console.print(format_epoch(epoch, self.total_epochs, metrics), highlight=False, soft_wrap=True)
+        self._epochs_seen += 1
+        plan = job_plan()
+        if self._epochs_seen == 1 and plan.done == 0 and self.device_type == "cpu":
+            left = metrics["epoch_seconds"] * (plan.fits * self.total_epochs - epoch)
+            if left > LONG_JOB_SECONDS:
+                self.console.print(
+                    f"note: at {metrics['epoch_seconds']:.0f} s per epoch this job needs about {left / 60:.0f} more "
+                    f"minutes on this CPU ({plan.fits} x {self.total_epochs} epochs). For a quick look, the README's "
+                    f"demo flags: {QUICK_FLAGS}", highlight=False, soft_wrap=True)
 
     def on_fit_end(self, result: FitResult) -> None:
+        plan = job_plan()
+        if plan.fits > 1:  # without a plan every fit is a job of its own
+            plan.done += 1
         self._stop_bar()
         stop = " (stopped early)" if result.stopped_early else ""
         chosen = (f"best epoch {result.best_epoch}: val acc {result.best_val_acc:.4f} loss {result.best_val_loss:.4f}"
@@ -181,4 +199,7 @@ class RichProgress(Callback):
         self.console.print(chosen + stop, highlight=False, soft_wrap=True)
 
     def on_fit_error(self, error: BaseException) -> None:
-        self._stop_bar()
+        plan = job_plan()
+        if plan.progress is not None:
+            plan.progress.stop()
+            plan.progress = None

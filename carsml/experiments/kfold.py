@@ -23,6 +23,7 @@ from carsml.errors import CarsmlError
 from carsml.experiments.common import cache_root, limit_classes, model_kwargs, resolve_dataset
 from carsml.experiments.train import augment_images, decode, epoch_key, fit_and_log, train_config
 from carsml.models.factory import create_model
+from carsml.progress import planned_fits
 from carsml.tracking import figures
 from carsml.tracking.runs import log_csv, log_dataset, log_figure, setup_tracking, start_run
 
@@ -61,35 +62,36 @@ def run(cfg: dict[str, Any]) -> pd.DataFrame:
         augment = ArrayData(augment_rows.images, augment_rows.labels)
         test = ArrayData(test_rows.images, test_rows.labels) if test_rows is not None else None
         rows, histories, confusion = [], [], None
-        for fold, (train_idx, val_idx) in enumerate(folds):
-            child = previous.get(fold)
-            if child is not None and child.info.status == "FINISHED":
-                rows.append({"fold": fold, "run_id": child.info.run_id,
-                             **{m: child.data.metrics.get(m, np.nan) for m in CV_METRICS}})
-                histories.append(_history_of(child.info.run_id))
-                continue
-            ckpt_tag = child.data.tags.get("carsml.checkpoint_dir", "") if child is not None else ""
-            resume = bool(ckpt_tag) and (Path(ckpt_tag) / "last.pt").is_file()
-            with start_run(cfg["entry_point"], cfg, run_name=f"{cfg['entry_point']}-fold{fold}", nested=True,
-                           resume_run_id=child.info.run_id if resume else "",
-                           tags={"carsml.fold": str(fold), "carsml.parent_run_id": parent.info.run_id,
-                                 "carsml.model": cfg["model"]}) as fold_run:
-                ckpt = cache_root(cfg) / "checkpoints" / fold_run.info.run_id
-                mlflow.set_tag("carsml.checkpoint_dir", str(ckpt))
-                seed_everything(cfg["seed"] + fold)  # each fold's initial weights repeat
-                model = create_model(cfg["model"], dataset.num_classes, cfg["image_size"], **model_kwargs(cfg))
-                trained = fit_and_log(cfg, model, dataset.class_names, augment.subset(train_idx),
-                                      all_train.subset(val_idx), test, checkpoint_dir=ckpt, resume=resume,
-                                      info_extra={"fold": fold})
-            rows.append({"fold": fold, "run_id": fold_run.info.run_id,
-                         **{m: trained.finals.get(m, np.nan) for m in CV_METRICS}})
-            histories.append(trained.history)
-            if trained.test is not None:
-                from sklearn.metrics import confusion_matrix
+        with planned_fits(k - sum(r.info.status == "FINISHED" for r in previous.values()), "fold"):
+            for fold, (train_idx, val_idx) in enumerate(folds):
+                child = previous.get(fold)
+                if child is not None and child.info.status == "FINISHED":
+                    rows.append({"fold": fold, "run_id": child.info.run_id,
+                                 **{m: child.data.metrics.get(m, np.nan) for m in CV_METRICS}})
+                    histories.append(_history_of(child.info.run_id))
+                    continue
+                ckpt_tag = child.data.tags.get("carsml.checkpoint_dir", "") if child is not None else ""
+                resume = bool(ckpt_tag) and (Path(ckpt_tag) / "last.pt").is_file()
+                with start_run(cfg["entry_point"], cfg, run_name=f"{cfg['entry_point']}-fold{fold}", nested=True,
+                               resume_run_id=child.info.run_id if resume else "",
+                               tags={"carsml.fold": str(fold), "carsml.parent_run_id": parent.info.run_id,
+                                     "carsml.model": cfg["model"]}) as fold_run:
+                    ckpt = cache_root(cfg) / "checkpoints" / fold_run.info.run_id
+                    mlflow.set_tag("carsml.checkpoint_dir", str(ckpt))
+                    seed_everything(cfg["seed"] + fold)  # each fold's initial weights repeat
+                    model = create_model(cfg["model"], dataset.num_classes, cfg["image_size"], **model_kwargs(cfg))
+                    trained = fit_and_log(cfg, model, dataset.class_names, augment.subset(train_idx),
+                                          all_train.subset(val_idx), test, checkpoint_dir=ckpt, resume=resume,
+                                          info_extra={"fold": fold})
+                rows.append({"fold": fold, "run_id": fold_run.info.run_id,
+                             **{m: trained.finals.get(m, np.nan) for m in CV_METRICS}})
+                histories.append(trained.history)
+                if trained.test is not None:
+                    from sklearn.metrics import confusion_matrix
 
-                counts = confusion_matrix(trained.test.labels, trained.test.preds,
-                                          labels=np.arange(dataset.num_classes))
-                confusion = counts if confusion is None else confusion + counts
+                    counts = confusion_matrix(trained.test.labels, trained.test.preds,
+                                              labels=np.arange(dataset.num_classes))
+                    confusion = counts if confusion is None else confusion + counts
         table = pd.DataFrame(rows)
         _log_summary(table, histories, cfg)
         if confusion is not None:

@@ -27,6 +27,7 @@ from carsml.experiments import train
 from carsml.experiments.common import limit_classes, model_kwargs, resolve_dataset
 from carsml.experiments.train import Trained, load_splits, train_config, train_in_run
 from carsml.models.factory import create_model
+from carsml.progress import planned_fits
 from carsml.tracking.runs import setup_tracking, start_run
 
 STUDY_MODELS = ("resnet50", "vgg16", "densenet121", "efficientnet_b0")
@@ -147,12 +148,13 @@ def run_all(cfg: dict[str, Any]) -> pd.DataFrame:
                    tags={"carsml.models": ",".join(names)}) as parent:
         parent_id = parent.info.run_id
         splits = load_splits(cfg, dataset)
-        for name, child in children.items():
-            if name in finished:
-                continue
-            with start_run("transfer", child, run_name=f"transfer-{name}", nested=True,
-                           tags={**_run_tags(child), "carsml.parent_run_id": parent_id}):
-                train_in_run(child, dataset, models.pop(name), splits)
+        with planned_fits(len(children) - len(finished), "model"):
+            for name, child in children.items():
+                if name in finished:
+                    continue
+                with start_run("transfer", child, run_name=f"transfer-{name}", nested=True,
+                               tags={**_run_tags(child), "carsml.parent_run_id": parent_id}):
+                    train_in_run(child, dataset, models.pop(name), splits)
         table = compare.build_table(parent_run_id=parent_id)
         compare.log_table(table, parent_id)
     return table

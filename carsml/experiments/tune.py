@@ -35,6 +35,7 @@ from carsml.errors import CarsmlError, ConfigError
 from carsml.experiments.common import limit_classes, model_kwargs, resolve_dataset
 from carsml.experiments.train import augment_images, decode, fit_and_log, train_config
 from carsml.models.factory import create_model
+from carsml.progress import planned_fits
 from carsml.tracking.runs import log_csv, log_dataset, log_figure, log_text, setup_tracking, start_run
 
 log = logging.getLogger(__name__)
@@ -362,7 +363,8 @@ def run(cfg: dict[str, Any]) -> TuneResult:
         all_train, augment = ArrayData(rows.images, rows.labels), augment_images(cfg, dataset, rows)
         ctx = _Context(cfg, space, dataset.class_names, ArrayData(augment.images, augment.labels).subset(train_idx),
                        all_train.subset(val_idx), result)
-        study.optimize(lambda trial: _objective(ctx, trial), n_trials=cfg["n_trials"] or None,
-                       timeout=cfg["timeout"] or None, catch=(Exception,), gc_after_trial=True)
+        with planned_fits(cfg["n_trials"] or 1, "trial"):  # pruned trials end early: the ETA is an upper bound
+            study.optimize(lambda trial: _objective(ctx, trial), n_trials=cfg["n_trials"] or None,
+                           timeout=cfg["timeout"] or None, catch=(Exception,), gc_after_trial=True)
         _summarise(study, cfg, result)
     return result

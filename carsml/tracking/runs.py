@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import socket
 import ssl
@@ -37,6 +38,13 @@ _FALLBACK_SCHEMES = frozenset({"", "file", "http", "https", "sqlite", "postgresq
                                "databricks-uc", "uc"})
 _SQLITE_HEADER = b"SQLite format 3\x00"
 _checked_uris: set[str] = set()  # URIs already found usable in this process (the check runs once per URI)
+
+
+def quiet_mlflow(quiet: bool = True) -> None:
+    """Silence MLflow's INFO lines and artifact progress bars (the default of the `carsml` commands; `--verbose`
+    brings them back): each command ends with its own summary instead."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING if quiet else logging.INFO)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false" if quiet else "true"
 
 
 def setup_tracking() -> str:
