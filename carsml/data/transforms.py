@@ -8,8 +8,9 @@ one `F.affine_grid` + `F.grid_sample` per batch.
 Policies (`train=True`; with `train=False` every policy only resizes, scales to [0, 1] and normalises):
     none    scale + normalise (the study's baseline)
     study   horizontal flip p=0.5, rotation ±15°, brightness and contrast factors in [0.8, 1.2]
-    crop    random resized crop (scale 0.25–1, ratio 3/4–4/3) + flip + brightness / contrast / saturation factors in
-            [0.8, 1.2]: the carsml recipe's policy (real pixels when the cache is larger than the output)
+    crop    random resized crop (scale 0.7–1, ratio 3/4–4/3) + rotation ±10° + flip + brightness / contrast /
+            saturation factors in [0.8, 1.2], one resampling: the carsml recipe's policy (real pixels when the
+            cache is larger than the output)
     strong  random resized crop (scale 0.35–1, ratio 3/4–4/3) + flip + TrivialAugmentWide + random erasing
             p=0.25, optionally followed by mixup / cutmix (`BatchTransform.mix`, which also mixes labels)
 
@@ -41,7 +42,10 @@ STUDY_MAX_ROTATION_DEG = 15.0
 STUDY_JITTER = 0.2  # brightness and contrast factors drawn from [1 - j, 1 + j]
 
 # "crop" policy
-CROP_POLICY_SCALE = (0.25, 1.0)
+# chosen on the real dev set's validation split (docs/study.md): stronger zooms (scale down to 0.25 or 0.5) cost 7-13
+# points of validation accuracy at a 30-epoch budget; mild zoom plus a small rotation beat no zoom at all
+CROP_POLICY_SCALE = (0.7, 1.0)
+CROP_POLICY_ROTATION_DEG = 10.0
 CROP_POLICY_JITTER = 0.2  # brightness, contrast and saturation factors drawn from [1 - j, 1 + j]
 
 # "strong" policy
@@ -418,7 +422,8 @@ class BatchTransform:
         flip = _hflip(_rand((n,), generator, device) < 0.5)
         lo, hi = 1 - CROP_POLICY_JITTER, 1 + CROP_POLICY_JITTER
         brightness, contrast, saturation = (_uniform(n, lo, hi, generator, device) for _ in range(3))
-        x = _warp(x, crop @ flip, self.size)
+        angle = torch.deg2rad(_uniform(n, -CROP_POLICY_ROTATION_DEG, CROP_POLICY_ROTATION_DEG, generator, device))
+        x = _warp(x, crop @ _rotation(angle) @ flip, self.size)
         return adjust_saturation(adjust_contrast(adjust_brightness(x, brightness), contrast), saturation)
 
     def _strong(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
