@@ -174,7 +174,8 @@ class RichProgress(Callback):
         progress, task = self._bar()
         unit = f"{plan.unit} {plan.done + 1}/{plan.fits} · " if plan.fits > 1 else ""
         progress.update(task, completed=(plan.done * self.total_epochs + epoch - 1) * self.steps + step,
-                        description=f"{unit}epoch {epoch}/{self.total_epochs}", loss=loss, ips=images_per_second)
+                        description=f"{unit}epoch {epoch}/{self.total_epochs}", loss=loss, ips=images_per_second,
+                        refresh=True)  # every log_every_steps steps: cheap, and no step is skipped by the timer
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         self.console.print(format_epoch(epoch, self.total_epochs, metrics), highlight=False, soft_wrap=True)
