@@ -34,7 +34,7 @@ MODELS = {  # name -> create_model options
 }
 PIPELINES = {  # name -> (augmentation policy, cache side / input side)
     "study: flip, rotation, jitter; cache = input size": ("study", 1.0),
-    "carsml recipe: random resized crop from a 1.5x cache, flip, jitter": ("crop", 1.5),
+    "carsml recipe: mild crop + rotation from a 1.5x cache, flip, jitter": ("crop", 1.5),
 }
 
 
