@@ -23,10 +23,7 @@ import argparse
 import base64
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 from report import machine, write_section  # noqa: E402
+
+from tests.test_serving import Server  # noqa: E402 - the one way to start and stop `mlflow models serve`
 
 SAMPLE = ROOT.parent / "shared" / "data" / "stanford_cars" / "sample"
 BATCHES = (1, 32)
@@ -73,48 +72,16 @@ def tiny_model(folder: Path) -> tuple[str, str]:
     return uri, run.data.tags["carsml.model_uri"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def served(model_uri: str, tracking_uri: str, log: Path, env_extra: dict[str, str],
            startup_s: float) -> Iterator[str]:
-    """`mlflow models serve` on a free loopback port (own process group); yields its URL, always stops it."""
-    port = free_port()
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, **env_extra, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": tracking_uri}
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-             "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    """`mlflow models serve` on a free loopback port (the test suite's `Server`); yields its URL, always stops it."""
+    server = Server(model_uri, tracking_uri, log, env_extra, startup_s)
     try:
-        deadline = time.monotonic() + startup_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready after {startup_s:.0f}s:\n{log.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        yield url
+        server.wait_ready()
+        yield server.url
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=20)
+        server.stop()
 
 
 def timed(fn: Callable[[], Any]) -> float:

@@ -64,11 +64,14 @@ def free_port() -> int:
 class Server:
     """One `mlflow models serve` process (its own process group, so stopping it stops uvicorn's workers too)."""
 
-    def __init__(self, model_uri: str, tracking_uri: str, log: Path) -> None:
+    def __init__(self, model_uri: str, tracking_uri: str, log: Path, env_extra: dict[str, str] | None = None,
+                 startup_s: float = STARTUP_TIMEOUT_S) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.startup_s = startup_s
         bin_dir = str(Path(sys.executable).parent)  # uvicorn and mlflow must come from the venv
-        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": tracking_uri}
+        env = {**os.environ, **(env_extra or {}), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+               "MLFLOW_TRACKING_URI": tracking_uri}
         self.log = log
         self.rss_at_start = 0  # set once the server is ready
         self.proc = subprocess.Popen(
@@ -77,7 +80,7 @@ class Server:
             env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        deadline = time.monotonic() + self.startup_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
@@ -87,7 +90,7 @@ class Server:
             except requests.RequestException:
                 pass
             time.sleep(0.5)
-        raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S}s:\n{self.log.read_text()[-3000:]}")
+        raise RuntimeError(f"server not ready after {self.startup_s:.0f}s:\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
