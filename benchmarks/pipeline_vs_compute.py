@@ -25,7 +25,9 @@ from carsml.data.transforms import build_transform  # noqa: E402
 from carsml.engine.device import autocast_dtype, resolve_device  # noqa: E402
 from carsml.engine.evaluate import autocast_context  # noqa: E402
 from carsml.engine.loader import ArrayData  # noqa: E402
-from carsml.engine.train import TrainConfig, fit  # noqa: E402
+from carsml.engine.train import fit  # noqa: E402
+from carsml.engine.types import TrainConfig  # noqa: E402
+from carsml.experiments.train import engine_config  # noqa: E402
 from carsml.models.factory import create_model, resolve_data_config  # noqa: E402
 
 MODELS = {  # name -> create_model options
@@ -99,7 +101,7 @@ def main() -> None:
     classes = 20
     rows = []
     for name, opts in MODELS.items():
-        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=1e-4, device=args.device)
+        cfg = engine_config(epochs=args.epochs, batch_size=args.batch_size, lr=1e-4, device=args.device)
         steps = args.images // args.batch_size
         pure = [compute_only(create_model(name, classes, args.size, **opts), cfg,
                              (args.batch_size, 3, args.size, args.size), classes, steps) for _ in range(args.repeats)]

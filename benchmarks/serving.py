@@ -107,9 +107,7 @@ def measure(model_uri: str, tracking_uri: str, workdir: Path, args: argparse.Nam
 
     def bare(n: int, threads: int) -> None:
         torch.set_num_threads(threads)
-        x = torch.from_numpy(decoded[n]).permute(0, 3, 1, 2).contiguous()
-        with torch.inference_mode():
-            torch.softmax(classifier.model(classifier.transform(x, train=False)).float(), dim=1)
+        classifier.infer(decoded[n])  # the engine's `predict`, as the served model runs it, on this thread
 
     env = {"CARSML_SERVE_THREADS": str(args.serve_threads)} if args.serve_threads else {}
     default = torch.get_num_threads()
@@ -232,9 +230,9 @@ forward on {result["slots"]} inference thread(s), {result["decode_threads"]} dec
 Stanford Cars JPEGs (bbox crops, ~43 KB each) are sent one after another: {n_one} one-image and {n_32} 32-image
 requests, interleaved (in rotating order) with the same number of in-process runs of each other path.
 
-- bare forward: the network on an already decoded uint8 batch in the benchmark process (normalise + forward +
-  softmax), with 1 torch thread (interleaved) and with torch's default of {result["default_threads"]} (measured on its
-  own just before); the ratios use the faster of the two;
+- bare forward: the network on an already decoded uint8 batch in the benchmark process (the engine's `predict` as the
+  model serves it: normalise + forward + softmax), with 1 torch thread (interleaved) and with torch's default of
+  {result["default_threads"]} (measured on its own just before); the ratios use the faster of the two;
 - pyfunc.predict: the same model through `mlflow.pyfunc.load_model(...).predict` in the benchmark process (base64,
   checks, decoding, forward, output formatting);
 - served: HTTP + JSON + MLflow's scoring server on top.

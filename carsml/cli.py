@@ -1,9 +1,9 @@
-"""The `carsml` command line: one command per experiment (options generated from experiments/<name>.yaml) plus
+"""The `carsml` command line: one command per experiment (options generated from
+carsml/experiments/defaults/<name>.yaml) plus
 data, report and serving helpers. `mlflow run . -e <experiment>` calls these same commands (see MLproject)."""
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 import sys
@@ -13,9 +13,9 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 
-from carsml.config import entry_points, load_config, options
+from carsml.config import DEFAULTS_DIR, entry_points, load_config, options
 from carsml.errors import CarsmlError
-from carsml.experiments import REGISTRY
+from carsml.experiments import COMMANDS
 from carsml.tracking.runs import quiet_mlflow
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -28,20 +28,19 @@ console = Console(stderr=True)
 def run_experiment(name: str, overrides: dict[str, Any] | None = None, *, passes_defaults: bool = False) -> Any:
     """Resolve the config of experiment `name` and run it (the Python API behind every command); see `load_config`
     for `passes_defaults`."""
+    from carsml.experiments.registry import ENTRY_POINTS  # imported on use: `carsml --help` stays quick
+
     cfg = load_config(name, overrides, passes_defaults=passes_defaults)
-    module, func = REGISTRY[name][1].split(":")
-    return getattr(importlib.import_module(module), func)(cfg)
+    return ENTRY_POINTS[name](cfg)
 
 
 def _print_summary() -> None:
     """The closing lines of every entry point: what ran, its key result, the model and where to look next."""
-    import mlflow
+    from carsml.tracking.summary import last_run_summary
 
-    from carsml.tracking.summary import run_summary
-
-    run = mlflow.last_active_run()
-    if run is not None:
-        print("\n".join(["", *run_summary(run.info.run_id)]))
+    lines = last_run_summary()
+    if lines:
+        print("\n".join(["", *lines]))
 
 
 def _fail(exc: Exception) -> None:
@@ -77,12 +76,12 @@ def _register(name: str, command_name: str, target: typer.Typer) -> None:
         _print_summary()
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    first_line = (Path(__file__).parents[1] / "experiments" / f"{name}.yaml").read_text().splitlines()[0]
-    command.__doc__ = first_line.lstrip("# ") + f"\n\nDefaults: experiments/{name}.yaml."
+    first_line = (DEFAULTS_DIR / f"{name}.yaml").read_text().splitlines()[0]
+    command.__doc__ = first_line.lstrip("# ") + f"\n\nDefaults: carsml/experiments/defaults/{name}.yaml."
     target.command(command_name)(command)
 
 
-for _name, (_command, _) in REGISTRY.items():
+for _name, _command in COMMANDS.items():
     if _name in entry_points():  # an entry point exists once its defaults file does
         _register(_name, _command.split()[-1], data_app if _command.startswith("data ") else app)
 

@@ -1,14 +1,16 @@
-"""Experiment configuration: defaults from `experiments/<name>.yaml`, overrides from the CLI or `mlflow run -P`.
+"""Experiment configuration: defaults from `carsml/experiments/defaults/<name>.yaml` (shipped in the package),
+overrides from the CLI or `mlflow run -P`.
 
 A YAML file may start with `inherit: <other>` to take another file's keys first (so shared defaults live once), and
 `omit: a,b` to leave out inherited options that mean nothing for it.
 A trailing `# comment` on a key's line is that option's help text in the CLI and the MLproject.
 Configs are flat dicts of scalars (str, int, float, bool) so every key maps 1:1 onto an MLproject parameter.
 
-A training entry point's `recipe` option names a file `experiments/recipes/<recipe>.yaml` whose values replace the
-entry point's defaults (`study`, the default, is the entry point's own defaults, no file). An option set explicitly wins
-over the recipe; keys the entry point does not have are ignored. `mlflow run` passes every parameter, defaults included:
-there an option counts as set only where its value differs from the entry point's default.
+A training entry point's `recipe` option names a file `carsml/experiments/defaults/recipes/<recipe>.yaml` whose values
+replace the entry point's defaults (`study`, the default, is the entry point's own defaults, no file). An option set
+explicitly wins over the recipe; keys the entry point does not have are ignored. `mlflow run` passes every
+parameter, defaults included: there an option counts as set only where its value differs from the entry point's
+default.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import yaml
 
 from carsml.errors import ConfigError
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
-RECIPES_DIR = EXPERIMENTS_DIR / "recipes"
+DEFAULTS_DIR = Path(__file__).resolve().parent / "experiments" / "defaults"  # shipped inside the package
+RECIPES_DIR = DEFAULTS_DIR / "recipes"
 DEFAULT_RECIPE = "study"
 _COMMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:.*?#\s*(.+)$")
 
@@ -43,11 +45,11 @@ class Option:
 
 def entry_points() -> list[str]:
     """Names of all experiments that have a defaults file (files starting with '_' are shared bases)."""
-    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+    return sorted(p.stem for p in DEFAULTS_DIR.glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def _defaults_file(name: str) -> Path:
-    path = EXPERIMENTS_DIR / f"{name}.yaml"
+    path = DEFAULTS_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"Unknown experiment {name!r}: no defaults file {path}. Known: {', '.join(entry_points())}")
     return path
@@ -105,7 +107,7 @@ def coerce(option: Option, value: Any) -> Any:
 
 
 def recipes() -> list[str]:
-    """Names of the training recipes (`study` plus one per file in experiments/recipes/)."""
+    """Names of the training recipes (`study` plus one per file in carsml/experiments/defaults/recipes/)."""
     return [DEFAULT_RECIPE, *sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))]
 
 

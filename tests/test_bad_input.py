@@ -24,8 +24,9 @@ from carsml.data.cache import build_cache
 from carsml.data.images import load_crop, open_rgb, read_header
 from carsml.data.readers import load_dataset
 from carsml.data.transforms import build_transform
-from carsml.engine import ArrayData, TrainConfig, fit
+from carsml.engine import ArrayData, fit
 from carsml.errors import CarsmlError, ConfigError, DataError
+from carsml.experiments.train import engine_config
 from carsml.tracking.pyfunc_model import CarsImageClassifier, decode_images
 from carsml.tracking.runs import check_tracking_uri
 from tests.conftest import TINY
@@ -71,7 +72,7 @@ def test_nan_and_inf_train_loss_are_caught_by_the_end_of_the_epoch(value: float,
     # 3 steps per epoch, the loss check every 1000 steps: the bad step 2 is inside a window, so only the check
     # after the epoch's last step can see it
     model = BlowUp(value, at=2)
-    cfg = TrainConfig(epochs=3, batch_size=4, lr=0.01, amp="off", device="cpu", log_every_steps=1000)
+    cfg = engine_config(epochs=3, batch_size=4, lr=0.01, amp="off", device="cpu", log_every_steps=1000)
     with pytest.raises(CarsmlError, match=rf"training diverged: train loss is {shown} at epoch 1 step 3; lower "
                                           r"TrainConfig.lr \(now 0.01\) or enable grad_clip"):
         fit(model, _data(12, all_zero=True), _data(8, 1), cfg, train_transform=NONE, eval_transform=NONE)
@@ -79,7 +80,7 @@ def test_nan_and_inf_train_loss_are_caught_by_the_end_of_the_epoch(value: float,
 
 
 def test_non_finite_val_loss_after_a_finite_train_loss_is_divergence(tmp_path: Path) -> None:
-    cfg = TrainConfig(epochs=3, batch_size=4, lr=0.01, amp="off", device="cpu")
+    cfg = engine_config(epochs=3, batch_size=4, lr=0.01, amp="off", device="cpu")
     with pytest.raises(CarsmlError, match=r"training diverged: val loss is nan after epoch 1 \(train loss "
                                           r"[0-9.]+\): the model no longer gives finite outputs"):
         fit(BlowUp(eval_nan=True), _data(12), _data(8, 1), cfg, train_transform=NONE, eval_transform=NONE,

@@ -26,7 +26,7 @@ def test_help_lists_every_entry_point_and_option_defaults() -> None:
     assert improved.exit_code == 0
     for key in options("improved"):
         assert f"--{key.replace('_', '-')}" in improved.output
-    assert "(default: 0.0001)" in improved.output  # the study's L2, from experiments/improved.yaml
+    assert "(default: 0.0001)" in improved.output  # the study's L2, from carsml/experiments/defaults/improved.yaml
 
 
 def test_data_synth_writes_a_dataset_torchvision_loads(tmp_path: Path) -> None:

@@ -30,8 +30,11 @@ from carsml.engine import (
 )
 from carsml.engine.checkpoint import load_checkpoint
 from carsml.engine.metrics import accuracy, macro_f1, topk_accuracy
-from carsml.engine.train import TIMING_KEYS, is_better, warmup_cosine_lr
+from carsml.engine.optim import warmup_cosine_lr
+from carsml.engine.train import is_better
+from carsml.engine.types import TIMING_KEYS
 from carsml.errors import CarsmlError, ConfigError, DataError
+from carsml.experiments.train import engine_config
 
 NUM_CLASSES = 4
 COLOURS = np.array([[230, 30, 30], [30, 230, 30], [30, 30, 230], [230, 230, 30]], dtype=np.uint8)
@@ -88,7 +91,7 @@ def tiny_net(seed: int = 0, **kwargs: float) -> TinyNet:
 def cfg(**overrides: object) -> TrainConfig:
     base: dict[str, object] = dict(epochs=2, batch_size=32, lr=1e-2, amp="off", device="cpu", log_every_steps=1)
     base.update(overrides)
-    return TrainConfig(**base)  # type: ignore[arg-type]
+    return engine_config(**base)
 
 
 def run(model: nn.Module, c: TrainConfig, train: ArrayData | None = None, val: ArrayData | None = None,
@@ -665,16 +668,16 @@ def test_resume_with_ema_reproduces_uninterrupted_history(tmp_path: Path) -> Non
 
 
 def test_decay_norm_bias_false_exempts_one_dimensional_parameters() -> None:
-    from carsml.engine.train import _make_optimizer
+    from carsml.engine.optim import make_optimizer
 
     model = TinyNet()
     c = cfg(optimizer="adamw", weight_decay=0.05, decay_norm_bias=False)
-    groups = _make_optimizer(c, [{"params": list(model.parameters())}]).param_groups
+    groups = make_optimizer(c, [{"params": list(model.parameters())}]).param_groups
     decayed = {id(p) for g in groups if g["weight_decay"] == 0.05 for p in g["params"]}
     exempt = {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
     assert decayed == {id(p) for p in model.parameters() if p.ndim > 1}
     assert exempt == {id(p) for p in model.parameters() if p.ndim <= 1}  # biases and BatchNorm weights
-    default = _make_optimizer(cfg(optimizer="adamw", weight_decay=0.05), [{"params": list(model.parameters())}])
+    default = make_optimizer(cfg(optimizer="adamw", weight_decay=0.05), [{"params": list(model.parameters())}])
     assert [g["weight_decay"] for g in default.param_groups] == [0.05]  # the study's L2 on everything
 
 

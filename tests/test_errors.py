@@ -16,15 +16,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from carsml.cli import run_experiment
+from carsml.data.classnames import parse_class_name, relation
 from carsml.errors import CarsmlError, ConfigError, DataError
-from carsml.experiments.errors import (
-    calibration,
-    cluster_order,
-    confused_pairs,
-    most_confused_block,
-    parse_class_name,
-    relation,
-)
+from carsml.experiments.analysis import calibration, cluster_order, confused_pairs, most_confused_block
 from tests.conftest import REPO, TINY, TRAINED_RUN
 
 FIGURES = {"confusion_clustered_test.png", "confusion_zoom_test.png", "confused_pairs_test.png",

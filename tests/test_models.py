@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from carsml.errors import CarsmlError, ConfigError
-from carsml.models import factory
+from carsml.models import pretrained
 from carsml.models.baseline import BaselineCNN
 from carsml.models.factory import (
     count_parameters,
@@ -245,6 +245,49 @@ def test_count_parameters_trainable_only() -> None:
     assert count_parameters(model, trainable_only=False) == total
 
 
+@pytest.mark.parametrize("name", ["improved_cnn", TINY_TIMM])
+def test_seeded_models_depend_on_the_seed_alone(name: str) -> None:
+    opts = SMALL if name in OUR_CNNS else {}
+    first = create_model(name, 5, 64, seed=7, **opts).state_dict()
+    torch.rand(1000)  # advance the global generator: a seeded model must not notice
+    torch.manual_seed(12345)
+    again = create_model(name, 5, 64, seed=7, **opts).state_dict()
+    assert first.keys() == again.keys()
+    for key, value in first.items():
+        assert torch.equal(value, again[key]), key
+    other = create_model(name, 5, 64, seed=8, **opts).state_dict()
+    assert any(not torch.equal(value, other[key]) for key, value in first.items() if value.is_floating_point())
+
+
+def test_a_seeded_model_leaves_the_global_random_state_alone() -> None:
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    create_model("baseline_cnn", 5, 64, seed=7, **SMALL)
+    assert torch.equal(torch.get_rng_state(), before)
+    expected = torch.rand(4)  # the draws that follow are the caller's, as if no model had been built
+    torch.manual_seed(3)
+    create_model("baseline_cnn", 5, 64, seed=7, **SMALL)
+    torch.testing.assert_close(torch.rand(4), expected)
+    unseeded = torch.get_rng_state()
+    create_model("baseline_cnn", 5, 64, **SMALL)
+    assert not torch.equal(torch.get_rng_state(), unseeded)  # without a seed: the global generator, as before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_seeded_model_leaves_the_cuda_random_state_alone() -> None:
+    torch.cuda.manual_seed_all(3)
+    before = torch.cuda.get_rng_state_all()
+    model = create_model("baseline_cnn", 5, 64, seed=7, **SMALL)
+    assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), before, strict=True))
+    assert next(model.parameters()).device.type == "cpu"  # built on the CPU: the generator the seed drives
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True, "7"])
+def test_bad_seeds_are_refused(seed: object) -> None:
+    with pytest.raises(ConfigError, match="seed"):
+        create_model("baseline_cnn", 5, 64, seed=seed, **SMALL)
+
+
 # --------------------------------------------------------------------------------------------- weights files
 
 
@@ -369,7 +412,7 @@ def test_pretrained_offline_without_cache_fails_fast_with_both_remedies(
         raise AssertionError("offline mode must not try the network")
 
     # "fails fast" by construction: no connection is even attempted (no probe, no socket), so no timeout is waited for
-    monkeypatch.setattr(factory, "_can_connect", no_network)
+    monkeypatch.setattr(pretrained, "_can_connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setattr(socket.socket, "connect", no_network)
     with pytest.raises(CarsmlError) as info:
@@ -384,7 +427,7 @@ def test_pretrained_without_network_fails_fast(empty_hf_cache: Path, monkeypatch
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(factory, "_can_connect", lambda host, port, timeout: False)
+    monkeypatch.setattr(pretrained, "_can_connect", lambda host, port, timeout: False)
     with pytest.raises(CarsmlError, match="(?s)unreachable.*weights=<file>"):
         create_model(TINY_TIMM, 7, pretrained=True)
 
@@ -408,4 +451,4 @@ def test_pretrained_from_a_populated_cache_goes_through_timm(
                          [("1", True), ("true", True), ("ON", True), ("0", False), ("", False)])
 def test_hf_hub_offline_values(monkeypatch: pytest.MonkeyPatch, value: str, offline: bool) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", value)
-    assert factory._hf_offline() is offline
+    assert pretrained._hf_offline() is offline

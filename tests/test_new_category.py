@@ -16,7 +16,8 @@ from PIL import Image
 
 from carsml.cli import run_experiment
 from carsml.errors import ConfigError, DataError
-from carsml.experiments.new_category import grow_classifier, split_counts
+from carsml.experiments.new_category import grow_classifier
+from carsml.experiments.source import split_counts
 from carsml.models.factory import create_model
 from carsml.tracking.models import load_model
 

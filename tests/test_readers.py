@@ -12,13 +12,10 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from carsml.data.readers import (
-    detect_layout,
-    load_dataset,
-    read_class_folders,
-    read_devkit,
-    read_kaggle_folders,
-)
+from carsml.data.readers import detect_layout, load_dataset
+from carsml.data.readers_devkit import read_devkit
+from carsml.data.readers_folders import read_class_folders
+from carsml.data.readers_kaggle import read_kaggle_folders
 from carsml.data.table import Dataset
 from carsml.errors import DataError
 

@@ -19,7 +19,8 @@ from PIL import Image
 from carsml.cli import run_experiment
 from carsml.data.cache import build_cache
 from carsml.data.table import make_table
-from carsml.data.transforms import _warp, build_transform
+from carsml.data.transform_kernels import _warp
+from carsml.data.transforms import build_transform
 from carsml.errors import ConfigError
 from tests.conftest import TINY
 

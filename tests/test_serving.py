@@ -1,8 +1,8 @@
-"""`mlflow models serve` of the promoted models: real JPEGs in, labels and top-5 out; every bad payload is a 4xx with
-a clear message (each bad request is its own test case) and the server answers a good request right after it; a
-request mixing good and bad rows is refused as a whole, naming the bad rows. Abuse within the per-image limits (too
-many rows, too many pixels or bytes in all, formats other than JPEG/PNG) is refused from the headers, in less time than
-decoding one of its images, and leaves the server's memory (RSS) within SERVER_RSS_BOUND.
+"""`mlflow models serve` of the promoted models: real JPEGs (and boxes) in, labels and top-5 out; every bad payload (a
+bad box too) is a 4xx with a clear message (each bad request is its own test case) and the server answers a good
+request right after it; a request mixing good and bad rows is refused as a whole, naming the bad rows. Abuse within the
+per-image limits (too many rows, too many pixels or bytes in all, formats other than JPEG/PNG) is refused from the
+headers, in less time than decoding one of its images, and leaves the server's memory (RSS) within SERVER_RSS_BOUND.
 
 One module-wide store holds a tiny resnet50 transfer run, its RandomForest head and the promotion; one server per
 registered model (`models:/<name>@champion`) runs on a free 127.0.0.1 port and is always stopped.
@@ -167,6 +167,12 @@ def frame(images: list[Any], column: str = "image") -> dict[str, Any]:
     return {"dataframe_split": {"columns": [column], "data": [[img] for img in images]}}
 
 
+def boxed(images: list[str], boxes: list[Any]) -> dict[str, Any]:
+    """A request with the optional `box` column."""
+    return {"dataframe_split": {"columns": ["image", "box"], "data": [list(row) for row in zip(images, boxes,
+                                                                                                 strict=True)]}}
+
+
 def real_jpegs(shared_data: Path, n: int) -> list[str]:
     index = pd.read_csv(shared_data / "sample" / "sample_index.csv").head(n)
     folder = shared_data / "sample" / "cars_train_bbox_cropped"
@@ -216,6 +222,21 @@ def test_served_model_matches_the_registered_pyfunc(servers: dict[str, Server], 
     assert [r["score"] for r in served] == pytest.approx(list(local["score"]), abs=1e-5)
 
 
+def test_served_champion_crops_to_a_box_as_the_in_process_pyfunc_does(
+        servers: dict[str, Server], promoted: dict[str, Any], shared_data: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", promoted["uri"])
+    mlflow.set_tracking_uri(promoted["uri"])
+    images, boxes = real_jpegs(shared_data, 2) * 2, [[4, 6, 90, 60], [0, 0, 40, 30], None, None]
+    local = mlflow.pyfunc.load_model(f"models:/{NET}@champion").predict(pd.DataFrame({"image": images, "box": boxes}))
+    response = servers[NET].post(boxed(images, boxes))
+    assert response.status_code == 200, response.text[:1000]
+    served = response.json()["predictions"]
+    check_predictions(served, 4)
+    assert [r["score"] for r in served] == pytest.approx(list(local["score"]), abs=1e-5)
+    assert served[0]["top5_scores"] != served[2]["top5_scores"]  # the crop is what the model saw
+
+
 def too_big() -> str:
     """Base64 of random bytes just over MAX_IMAGE_BYTES (built per use: ~28 MB of text)."""
     return base64.b64encode(os.urandom(MAX_IMAGE_BYTES + 1024)).decode("ascii")
@@ -263,6 +284,11 @@ BAD_REQUESTS: dict[str, tuple[Callable[[], dict[str, Any]], int, str]] = {
                               f"MiB in all, more than the {MAX_REQUEST_BYTES // MIB} MiB allowed per request"),
     "GIF": (lambda: {"payload": frame([encoded(8, 8, "GIF")])}, 400,
             "row 0: `image` is a GIF file; only JPEG and PNG images are accepted"),
+    "box of 3 numbers": (lambda: {"payload": boxed([GOOD_AND_BAD[0]] * 2, [None, [0, 0, 10]])}, 400,
+                         "1 of 2 row(s) have a bad `box` (row 1); the request was refused as a whole, nothing was "
+                         "predicted: row 1: `box` must have 4 numbers"),
+    "box outside the image": (lambda: {"payload": boxed([GOOD_AND_BAD[0]], [[30, 0, 40, 10]])}, 400,
+                              "row 0: box (30, 0, 40, 10) lies outside the 24x16 image"),
     "BMP among good rows": (lambda: {"payload": frame([GOOD_AND_BAD[0], encoded(8, 8, "BMP")])}, 400,
                             "1 of 2 row(s) have a bad `image` (row 1); the request was refused as a whole, nothing "
                             "was predicted: row 1: `image` is a BMP file; only JPEG and PNG images are accepted"),

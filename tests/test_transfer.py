@@ -24,9 +24,10 @@ from typer.testing import CliRunner
 from carsml.cli import app, run_experiment
 from carsml.config import load_config
 from carsml.errors import CarsmlError, ConfigError
-from carsml.experiments.train import epoch_key
-from carsml.experiments.transfer import STUDY_MODELS, build_model, parse_models
+from carsml.experiments.common import build_model
+from carsml.experiments.transfer import STUDY_MODELS, parse_models
 from carsml.models.factory import resolve_data_config
+from carsml.tracking.epochs import epoch_key
 from carsml.tracking.models import load_model
 from tests.conftest import REPO, TINY, use_module_store
 

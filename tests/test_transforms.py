@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from carsml.data import transforms as T
+from carsml.data import transform_kernels as T
 from carsml.data.transforms import POLICIES, build_transform, view_transform
 from carsml.errors import ConfigError, DataError
 

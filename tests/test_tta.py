@@ -115,7 +115,7 @@ def _tiny_model(model: str = "improved_cnn") -> nn.Module:
 
 
 def _tta(model: nn.Module, data: ArrayData, n_views: int, amp: str) -> TTAOutput:
-    return tta_predict(model, data, LightViews(*NORM).views, n_views, batch_size=64, device="cpu", amp=amp,
+    return tta_predict(model, data, LightViews(*NORM).view, n_views, batch_size=64, device="cpu", amp=amp,
                        generator=torch.Generator().manual_seed(0))
 
 

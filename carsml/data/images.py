@@ -5,8 +5,11 @@ displayed, i.e. after its EXIF orientation is applied. `image_size` reports size
 built from it (class_folders) and the crops made here agree.
 
 Multi-frame files (animated GIF / WebP / PNG, multi-page TIFF, MPO) are read as their first frame, explicitly: the
-frame image viewers show first and the one the serving adapter (PIL's default) decodes, so training and serving see
-the same pixels. Sizes are the first frame's too. Zero-byte files fail with a DataError naming the file.
+frame image viewers show first. Sizes are the first frame's too. Zero-byte files fail with a DataError naming the file.
+
+This is the one decoder of the project: the training cache (`load_crop`, on files) and the serving adapter
+(`carsml.tracking.pyfunc_model`, on request bytes) both run `plan_crop` + `finish_crop` on a lazily opened image, so a
+served model sees exactly the pixels its evaluation images had (mode conversion, orientation, crop, draft, resize).
 """
 
 from __future__ import annotations
@@ -81,15 +84,26 @@ def _orientation(img: Image.Image) -> int:
     return value if value in _ORIENTATION_OPS else 1
 
 
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of a lazily opened image as displayed (EXIF orientation applied), at full scale.
+
+    Reads the header only, except for a PNG whose EXIF follows its pixel data (`orientation_needs_decode`)."""
+    width, height = img.size
+    return (height, width) if _orientation(img) in _SWAPS_AXES else (width, height)
+
+
+def orientation_needs_decode(img: Image.Image) -> bool:
+    """Whether reading the EXIF orientation of a lazily opened image decodes its pixels: PIL finds the EXIF of a PNG
+    by reading the whole file unless an eXIf chunk came before the pixel data (JPEG EXIF is always in the header)."""
+    return img.format == "PNG" and "exif" not in img.info
+
+
 def read_header(path: str | Path) -> ImageHeader:
     """Size (EXIF orientation applied), mode and format of an image file without decoding its pixels."""
     path = Path(path)
     img = _open_lazy(path)
     try:
-        width, height = img.size
-        if _orientation(img) in _SWAPS_AXES:
-            width, height = height, width
-        return ImageHeader(width, height, img.mode, img.format or "")
+        return ImageHeader(*oriented_size(img), img.mode, img.format or "")
     finally:
         img.close()
 
@@ -178,6 +192,14 @@ def _grow_and_clip(
     return gx1, gy1, gx2, gy2
 
 
+def box_region(
+    img: Image.Image, box: tuple[int, int, int, int], margin: float = 0.0, where: str = ""
+) -> tuple[int, int, int, int]:
+    """The region of a lazily opened image that `box` (0-based, x2/y2 exclusive, displayed frame) grown by `margin`
+    crops: clipped to the image; DataError naming `where` for an empty box or one wholly outside the image."""
+    return _grow_and_clip(box, margin, *oriented_size(img), where)
+
+
 def crop_to_box(img: Image.Image, box: tuple[int, int, int, int], margin: float = 0.0) -> Image.Image:
     """Crop to a 0-based (x1, y1, x2, y2 exclusive) box grown by `margin` (fraction of the box size per side),
     clipped to the image (PIL alone would pad the outside with black)."""
@@ -207,8 +229,7 @@ def plan_crop(
     region = None
     short_side = min(raw_w, raw_h)
     if box is not None:
-        width, height = (raw_h, raw_w) if _orientation(img) in _SWAPS_AXES else (raw_w, raw_h)
-        region = _grow_and_clip(box, margin, width, height, where)
+        region = box_region(img, box, margin, where)
         short_side = min(region[2] - region[0], region[3] - region[1])
     scale = 1.0
     if img.format == "JPEG" and short_side >= 2 * size:
@@ -242,7 +263,7 @@ def load_crop(
 
     Returns uint8 HxWx3. JPEGs whose crop is at least twice `size` are decoded at a reduced DCT scale (PIL
     draft: 1/2, 1/4 or 1/8) that keeps the crop's short side >= `size`; the box is rescaled to match
-    (`plan_crop` + `finish_crop`, which the serving adapter uses on uploaded bytes too).
+    (`plan_crop` + `finish_crop`, which the serving adapter runs on request bytes with the model's box policy).
     """
     if size < 1:
         raise ConfigError(f"image size {size} is invalid; expected a positive number of pixels")

@@ -3,11 +3,12 @@
 It reports through `Callback`s and never imports a tracking library; `carsml.tracking` adapts it to MLflow.
 """
 
-from carsml.engine.callbacks import Callback, FitState, RichProgress
+from carsml.engine.callbacks import Callback, RichProgress
 from carsml.engine.device import autocast_dtype, resolve_device, seed_everything
-from carsml.engine.evaluate import EvalResult, evaluate, predict_probs
+from carsml.engine.evaluate import EvalResult, Prediction, evaluate, predict, predict_probs
 from carsml.engine.loader import ArrayData, iterate_batches
-from carsml.engine.train import FitResult, TrainConfig, fit
+from carsml.engine.train import fit
+from carsml.engine.types import FitResult, FitState, TrainConfig
 
 __all__ = [
     "ArrayData",
@@ -15,12 +16,14 @@ __all__ = [
     "EvalResult",
     "FitResult",
     "FitState",
+    "Prediction",
     "RichProgress",
     "TrainConfig",
     "autocast_dtype",
     "evaluate",
     "fit",
     "iterate_batches",
+    "predict",
     "predict_probs",
     "resolve_device",
     "seed_everything",

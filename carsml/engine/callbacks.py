@@ -12,10 +12,7 @@ import math
 import sys
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-import torch
 
 from carsml.progress import job_plan
 
@@ -23,23 +20,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress, TaskID
 
-    from carsml.engine.train import FitResult, TrainConfig
-
-
-@dataclass
-class FitState:
-    """What a fit is about to do (given to `Callback.on_fit_start`)."""
-
-    cfg: TrainConfig
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    num_classes: int
-    num_train: int
-    num_val: int
-    num_test: int  # 0 without a test set
-    steps_per_epoch: int
-    start_epoch: int  # 1 for a fresh fit; the first epoch still to run when resuming
-    resumed: bool
+    from carsml.engine.types import FitResult, FitState
 
 
 class Callback:

@@ -1,11 +1,12 @@
-"""Atomic checkpoint files, model compatibility checks and RNG state capture / restore for exact resumes."""
+"""Atomic checkpoint files, model and option compatibility checks, RNG state capture / restore for exact resumes."""
 
 from __future__ import annotations
 
 import os
 import random
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -13,10 +14,17 @@ from torch import nn
 
 from carsml.errors import CarsmlError
 
+if TYPE_CHECKING:
+    from carsml.engine.types import TrainConfig
+
 CHECKPOINT_FORMAT = "carsml-fit-checkpoint"
 CHECKPOINT_VERSION = 1
 LAST_NAME = "last.pt"
 BEST_NAME = "best.pt"
+# Options a resumed fit may change; any other difference would make the resumed run a different experiment.
+RESUME_MUTABLE = frozenset(
+    {"epochs", "early_stopping_patience", "device", "eval_batch_size", "log_every_steps"}
+)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -30,6 +38,13 @@ def atomic_save(obj: Any, path: Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def checkpoint_payload(epoch: int, cfg: TrainConfig, model_state: dict[str, torch.Tensor],
+                       **entries: Any) -> dict[str, Any]:
+    """What a checkpoint file holds: format, version, `epoch`, the fit's options and `model_state`, then `entries`."""
+    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch, "config": asdict(cfg),
+            "model": model_state, **entries}
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -78,6 +93,31 @@ def check_compatible(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
             f"checkpoint {source}: was written for a different model ({'; '.join(problems)}); "
             "resume with the same model configuration or start a new fit"
         )
+
+
+def check_resume_config(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None:
+    """Raise `CarsmlError` when `cfg` differs from the options a checkpoint was written with (`saved`) in
+    anything but RESUME_MUTABLE (and, with the cosine schedule, whose length depends on it, not in epochs)."""
+    now = asdict(cfg)
+    mutable = RESUME_MUTABLE - ({"epochs"} if cfg.scheduler == "cosine" else set())
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}"
+        for k in (f.name for f in fields(cfg))
+        if k not in mutable and saved.get(k) != now[k]
+    ]
+    if diffs:
+        raise CarsmlError(
+            f"checkpoint {path}: written with other training options ({'; '.join(diffs)}); resume with "
+            "the same options or start a new fit"
+        )
+
+
+def load_resume_checkpoint(path: Path, model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
+    """Read `path` (a fit's last.pt), checked to fit `model` and to be written with `cfg`'s options."""
+    ckpt = load_checkpoint(path)
+    check_compatible(model, ckpt["model"], path)
+    check_resume_config(cfg, ckpt["config"], path)
+    return ckpt
 
 
 def capture_rng(generators: dict[str, torch.Generator]) -> dict[str, Any]:

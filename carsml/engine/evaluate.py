@@ -1,9 +1,12 @@
-"""Batched inference: metrics on a labelled set (`evaluate`) and class probabilities (`predict_probs`)."""
+"""Batched inference, one path for everything: metrics on a labelled set (`evaluate`), logits / probabilities /
+pre-logit features (`predict`, and `predict_probs` for probabilities alone), and the training loop's evaluation
+(`infer`). The served models (carsml.tracking.pyfunc_model / pyfunc_rf) call `predict` too."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +19,17 @@ from carsml.engine.device import autocast_dtype, resolve_device
 from carsml.engine.loader import ArrayData, iterate_batches
 from carsml.engine.metrics import accuracy, macro_f1, topk_accuracy
 from carsml.errors import ConfigError, DataError
+
+View = Callable[[Tensor], Tensor]  # uint8 N×3×H×W batch on the device -> the model's float input
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What `predict` returns, rows in input order."""
+
+    logits: np.ndarray  # (N, C) float32
+    probs: np.ndarray  # (N, C) float32, softmax of logits
+    features: np.ndarray | None = None  # (N, D) float32 pre-logit features; None unless asked for
 
 
 @dataclass
@@ -53,7 +67,15 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def infer_logits(
+def _forward(model: nn.Module, inputs: Tensor, features: bool) -> tuple[Tensor, Tensor | None]:
+    """Logits, and with `features` the pre-logit features from the same pass (timm's interface, which ours share)."""
+    if not features:
+        return model(inputs), None
+    hidden = model.forward_features(inputs)
+    return model.forward_head(hidden), model.forward_head(hidden, pre_logits=True)
+
+
+def infer(
     model: nn.Module,
     batches: Iterable[Tensor],
     transform: BatchTransform,
@@ -61,20 +83,25 @@ def infer_logits(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     channels_last: bool,
-) -> Tensor:
-    """Float32 logits (N, C) on `device` for uint8 NCHW batches, model in eval mode, no augmentation."""
-    outputs = []
+    features: bool = False,
+    view: View | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The one inference loop, over uint8 N×3×H×W batches, model in eval mode, no augmentation: float32 logits (N, C)
+    and, with `features`, float32 pre-logit features (N, D), both on `device`."""
+    logits, hidden = [], []
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     with eval_mode(model), torch.inference_mode():
         for x in batches:
-            inputs = transform(x.to(device, non_blocking=True), train=False)
-            if channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            x = x.to(device, non_blocking=True)
+            inputs = (view(x) if view is not None else transform(x, train=False)).contiguous(memory_format=layout)
             with autocast_context(device, amp_dtype):
-                logits = model(inputs)
-            outputs.append(logits.float())
-    if not outputs:
+                out, feats = _forward(model, inputs, features)
+            logits.append(out.float())
+            if feats is not None:
+                hidden.append(feats.float().flatten(1))
+    if not logits:
         raise DataError("inference: no images were given")
-    return torch.cat(outputs)
+    return torch.cat(logits), torch.cat(hidden) if features else None
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -89,8 +116,10 @@ def _prepare(model: nn.Module, device: torch.device | str | None, channels_last:
         if device is None
         else (resolve_device(device) if isinstance(device, str) else torch.device(device))
     )
-    model.to(dev)
-    if channels_last:
+    if any(t.device != dev for t in itertools.chain(model.parameters(), model.buffers())):
+        model.to(dev)
+    if channels_last and any(p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last)
+                             for p in model.parameters()):
         model.to(memory_format=torch.channels_last)
     return dev
 
@@ -149,10 +178,63 @@ def evaluate(
             labels.append(y)
             yield x
 
-    logits = infer_logits(
-        model, images(), transform, device=dev, amp_dtype=amp_dtype, channels_last=channels_last
-    )
+    logits, _ = infer(model, images(), transform, device=dev, amp_dtype=amp_dtype, channels_last=channels_last)
     return metrics_from_logits(logits, torch.cat(labels).to(logits.device))
+
+
+def _batches(
+    images: Tensor | ArrayData, batch_size: int, device: torch.device, channels_last: bool
+) -> Iterable[Tensor]:
+    """uint8 N×3×H×W batches of a tensor or an `ArrayData`, in order; DataError for anything else or nothing."""
+    if isinstance(images, ArrayData):
+        if len(images) == 0:
+            raise DataError("predict: the data set is empty")
+        return (x for x, _ in iterate_batches(images, batch_size, shuffle=False, generator=None, device=device,
+                                              channels_last=channels_last))
+    if isinstance(images, Tensor):
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[0] == 0:
+            raise DataError(f"predict: expected a non-empty uint8 (N, 3, H, W) tensor; got {images.dtype} "
+                            f"{tuple(images.shape)}")
+        return (images[i : i + batch_size] for i in range(0, images.shape[0], batch_size))
+    raise DataError(f"predict: expected a uint8 tensor or ArrayData; got {type(images).__name__}")
+
+
+def predict(
+    model: nn.Module,
+    images: Tensor | ArrayData,
+    transform: BatchTransform | None,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    amp: str = "auto",
+    channels_last: bool = True,
+    features: bool = False,
+    view: View | None = None,
+) -> Prediction:
+    """Logits, probabilities and (with `features`) pre-logit features for a uint8 N×3×H×W tensor or an `ArrayData`,
+    rows in input order; the inference path of evaluation, the served models and the experiments.
+
+    Each batch goes through `transform(x, train=False)` (resize to the model's size, normalise), then the model in
+    eval mode under `amp` (`autocast_dtype`: "auto" is bf16 on CPU; "off" is float32). `device` None keeps the model
+    where it is. `features` runs `forward_features` once and `forward_head` twice on it (logits, and
+    `pre_logits=True` for the features), as timm models and ours define them.
+
+    `view`, when given, replaces `transform(x, train=False)` (pass `transform=None`): it gets each uint8 batch on the
+    device and returns the model's float input, e.g. one test-time view: `lambda x: tf(x, train=True, generator=g)`
+    or `lambda x: tf(x, train=False).flip(-1)`. It is called once per batch, in data order.
+    """
+    _check_batch_size(batch_size)
+    if transform is None and view is None:
+        raise ValueError("predict: give a transform or a view")
+    dev = _prepare(model, device, channels_last)
+    logits, feats = infer(model, _batches(images, batch_size, dev, channels_last), transform, device=dev,
+                           amp_dtype=autocast_dtype(dev, amp), channels_last=channels_last, features=features,
+                           view=view)
+    return Prediction(
+        logits=logits.cpu().numpy().astype(np.float32, copy=False),
+        probs=torch.softmax(logits, dim=1).cpu().numpy().astype(np.float32, copy=False),
+        features=None if feats is None else feats.cpu().numpy().astype(np.float32, copy=False),
+    )
 
 
 def predict_probs(
@@ -165,38 +247,9 @@ def predict_probs(
     amp: str = "auto",
     channels_last: bool = True,
 ) -> np.ndarray:
-    """Softmax probabilities (N, C) float32 for a uint8 N×3×H×W tensor or an `ArrayData`, in input order.
+    """Softmax probabilities (N, C) float32 for a uint8 N×3×H×W tensor or an `ArrayData`, in input order (`predict`).
 
     `device` None keeps the model where it is.
     """
-    _check_batch_size(batch_size)
-    dev = _prepare(model, device, channels_last)
-    amp_dtype = autocast_dtype(dev, amp)
-    if isinstance(images_uint8, ArrayData):
-        if len(images_uint8) == 0:
-            raise DataError("predict_probs: the data set is empty")
-        batches: Iterable[Tensor] = (
-            x
-            for x, _ in iterate_batches(
-                images_uint8,
-                batch_size,
-                shuffle=False,
-                generator=None,
-                device=dev,
-                channels_last=channels_last,
-            )
-        )
-    elif isinstance(images_uint8, Tensor):
-        if images_uint8.ndim != 4 or images_uint8.shape[0] == 0:
-            raise DataError(
-                f"predict_probs: expected a non-empty (N, 3, H, W) tensor; got {tuple(images_uint8.shape)}"
-            )
-        batches = (images_uint8[i : i + batch_size] for i in range(0, images_uint8.shape[0], batch_size))
-    else:
-        raise DataError(
-            f"predict_probs: expected a uint8 tensor or ArrayData; got {type(images_uint8).__name__}"
-        )
-    logits = infer_logits(
-        model, batches, transform, device=dev, amp_dtype=amp_dtype, channels_last=channels_last
-    )
-    return torch.softmax(logits, dim=1).cpu().numpy().astype(np.float32, copy=False)
+    return predict(model, images_uint8, transform, batch_size=batch_size, device=device, amp=amp,
+                   channels_last=channels_last).probs

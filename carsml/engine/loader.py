@@ -91,6 +91,30 @@ class ArrayData:
         return _read_rows(self.images, absolute), self.labels[absolute]
 
 
+def check_fit_splits(train: ArrayData, val: ArrayData | None, test: ArrayData | None) -> None:
+    """`fit`'s data: ArrayData splits (val and test optional), none empty, val and test of one image size."""
+    for name, data in (("train", train), ("val", val), ("test", test)):
+        if data is None and name != "train":
+            continue
+        if not isinstance(data, ArrayData):
+            raise DataError(f"fit: {name} must be an ArrayData; got {type(data).__name__}")
+        if len(data) == 0:
+            raise DataError(f"fit: the {name} set is empty")
+    shapes = {name: d.image_shape for name, d in (("val", val), ("test", test)) if d is not None}
+    if len(set(shapes.values())) > 1:
+        raise DataError(f"fit: val and test must have the same image size; got {shapes}")
+
+
+def check_fit_labels(num_classes: int, splits: dict[str, ArrayData | None]) -> None:
+    """Every label of the (non-None) `splits` names one of the model's `num_classes` outputs."""
+    for name, data in splits.items():
+        if data is not None and int(data.targets.max()) >= num_classes:
+            raise DataError(
+                f"fit: the {name} labels go up to {int(data.targets.max())} but the model predicts "
+                f"{num_classes} classes"
+            )
+
+
 def _read_rows(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Read `rows` of a (memmapped) array quickly and return them in the requested order.
 

@@ -1,5 +1,8 @@
 """`fit`: the one training loop every model of the project goes through.
 
+Its options and results (TrainConfig, FitState, FitResult) live in engine/types.py, the optimizer and the
+learning-rate schedule in engine/optim.py, checkpoint files in engine/checkpoint.py.
+
 Any `nn.Module` mapping float N×C×H×W to logits works. Conventions:
     * epochs are numbered from 1; `history[i]["epoch"] == i + 1`.
     * per-epoch metrics: train_loss train_acc val_loss val_acc [test_loss test_acc] lr [lr_head] epoch_seconds
@@ -28,7 +31,6 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,149 +39,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from carsml.data.transforms import BatchTransform
-from carsml.engine.callbacks import Callback, CallbackList, FitState
+from carsml.engine.callbacks import Callback, CallbackList
 from carsml.engine.checkpoint import (
     BEST_NAME,
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_VERSION,
     LAST_NAME,
     atomic_save,
     capture_rng,
-    check_compatible,
+    checkpoint_payload,
     cpu_state_dict,
-    load_checkpoint,
+    load_resume_checkpoint,
     restore_rng,
 )
-from carsml.engine.device import AMP_CHOICES, autocast_dtype, resolve_device, seed_everything
+from carsml.engine.device import autocast_dtype, resolve_device, seed_everything
 from carsml.engine.ema import WeightEMA
-from carsml.engine.evaluate import EvalResult, autocast_context, infer_logits, metrics_from_logits
-from carsml.engine.loader import ArrayData, iterate_batches
+from carsml.engine.evaluate import EvalResult, autocast_context, infer, metrics_from_logits
+from carsml.engine.loader import ArrayData, check_fit_labels, check_fit_splits, iterate_batches
+from carsml.engine.optim import make_optimizer, make_scheduler, param_groups
+from carsml.engine.types import FitResult, FitState, TrainConfig
 from carsml.errors import CarsmlError, ConfigError, DataError
 
-__all__ = ["Callback", "FitResult", "TrainConfig", "fit", "is_better", "warmup_cosine_lr"]
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("none", "plateau", "cosine")
-SELECT_ON = ("val_acc", "val_loss")
-TIMING_KEYS = ("epoch_seconds", "images_per_second")  # the only history values that differ between runs
-# Options a resumed fit may change; any other difference would make the resumed run a different experiment.
-RESUME_MUTABLE = frozenset(
-    {"epochs", "early_stopping_patience", "device", "eval_batch_size", "log_every_steps"}
-)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-@dataclass
-class TrainConfig:
-    """Everything `fit` needs besides the model and data. `validate()` before creating any run."""
-
-    epochs: int = 15
-    batch_size: int = 128
-    lr: float = 5e-4
-    optimizer: str = "adam"  # adam | adamw | sgd
-    weight_decay: float = 0.0
-    decay_norm_bias: bool = True  # False: no weight decay on biases and normalisation weights (timm's rule: 1-D)
-    momentum: float = 0.9  # sgd only
-    scheduler: str = "none"  # none | plateau (ReduceLROnPlateau on val loss, the study's) | cosine (per step)
-    warmup_epochs: int = 0  # linear warmup, cosine only
-    plateau_factor: float = 0.1
-    plateau_patience: int = 2
-    min_lr: float = 0.0  # floor for plateau and cosine
-    label_smoothing: float = 0.0
-    ema_decay: float = 0.0  # evaluate / select an exponential moving average of the weights; 0 = off, else in (0, 1)
-    grad_clip: float = 0.0  # max global gradient norm; 0 = off
-    early_stopping_patience: int = 0  # epochs without a better selected epoch; 0 = off
-    select_on: str = "val_acc"  # val_acc (ties: lower loss) | val_loss (ties: higher accuracy)
-    amp: str = "auto"  # auto | off | bf16 | fp16
-    channels_last: bool = True
-    device: str = "auto"
-    seed: int = 42
-    head_lr: float | None = None  # separate lr for model.get_classifier() parameters
-    # Train only model.get_classifier() for the first N epochs (backbone parameters get no gradient; its
-    # BatchNorm running statistics still adapt to the new data, the modules stay in train mode).
-    freeze_backbone_epochs: int = 0
-    eval_batch_size: int | None = None  # defaults to batch_size
-    log_every_steps: int = 10  # on_batch_end cadence (each call syncs the device once)
-
-    def validate(self) -> None:
-        """Raise `ConfigError` naming the first invalid field, its value and what was expected."""
-
-        def bad(name: str, expected: str) -> ConfigError:
-            return ConfigError(f"TrainConfig.{name}: expected {expected}; got {getattr(self, name)!r}")
-
-        for name in ("epochs", "batch_size", "log_every_steps"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise bad(name, "a positive integer")
-        for name in (
-            "warmup_epochs",
-            "plateau_patience",
-            "early_stopping_patience",
-            "freeze_backbone_epochs",
-        ):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
-                raise bad(name, "an integer >= 0")
-        if not _is_number(self.lr) or self.lr <= 0:
-            raise bad("lr", "a positive number")
-        if self.head_lr is not None and (not _is_number(self.head_lr) or self.head_lr <= 0):
-            raise bad("head_lr", "a positive number or None")
-        for name in ("weight_decay", "min_lr", "grad_clip"):
-            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
-                raise bad(name, "a number >= 0")
-        if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
-            raise bad("momentum", "a number in [0, 1)")
-        if not _is_number(self.plateau_factor) or not 0 < self.plateau_factor < 1:
-            raise bad("plateau_factor", "a number in (0, 1)")
-        if not _is_number(self.label_smoothing) or not 0 <= self.label_smoothing < 1:
-            raise bad("label_smoothing", "a number in [0, 1)")
-        if not _is_number(self.ema_decay) or not (self.ema_decay == 0 or 0 < self.ema_decay < 1):
-            raise bad("ema_decay", "0 (off) or a number in (0, 1), e.g. 0.998")
-        if self.optimizer not in OPTIMIZERS:
-            raise bad("optimizer", f"one of {', '.join(OPTIMIZERS)}")
-        if self.scheduler not in SCHEDULERS:
-            raise bad("scheduler", f"one of {', '.join(SCHEDULERS)}")
-        if self.select_on not in SELECT_ON:
-            raise bad("select_on", f"one of {', '.join(SELECT_ON)}")
-        if self.amp not in AMP_CHOICES:
-            raise bad("amp", f"one of {', '.join(AMP_CHOICES)}")
-        if self.warmup_epochs and self.scheduler != "cosine":
-            raise bad("warmup_epochs", f"0 unless scheduler is 'cosine' (scheduler is {self.scheduler!r})")
-        if self.scheduler == "cosine" and self.warmup_epochs >= self.epochs:
-            raise bad("warmup_epochs", f"fewer than epochs ({self.epochs}) with the cosine schedule")
-        if self.min_lr > min(self.lr, self.head_lr or self.lr):
-            raise bad("min_lr", "at most lr and head_lr")
-        if self.freeze_backbone_epochs > self.epochs:
-            raise bad("freeze_backbone_epochs", f"at most epochs ({self.epochs})")
-        if self.eval_batch_size is not None and (
-            not _is_int(self.eval_batch_size) or self.eval_batch_size < 1
-        ):
-            raise bad("eval_batch_size", "a positive integer or None")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise bad("seed", "an integer >= 0")
-        for name in ("channels_last", "decay_norm_bias"):
-            if not isinstance(getattr(self, name), bool):
-                raise bad(name, "true or false")
-        resolve_device(self.device)  # unknown or unavailable device → ConfigError now, not mid-run
-
-
-@dataclass
-class FitResult:
-    """The outcome of `fit`. `history` holds one metrics dict per epoch run (with an "epoch" key)."""
-
-    best_epoch: int
-    best_val_acc: float
-    best_val_loss: float
-    history: list[dict[str, float]]
-    best_state_dict: dict[str, Tensor] = field(repr=False)
-    epochs_run: int  # epochs trained in total, including any before a resume
-    train_seconds: float  # sum of epoch_seconds over all epochs
-    stopped_early: bool
+__all__ = ["fit", "is_better"]
 
 
 def is_better(val_acc: float, val_loss: float, best_acc: float, best_loss: float) -> bool:
@@ -187,89 +66,8 @@ def is_better(val_acc: float, val_loss: float, best_acc: float, best_loss: float
     return val_acc > best_acc or (val_acc == best_acc and val_loss < best_loss)
 
 
-def warmup_cosine_lr(
-    step: int, *, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int
-) -> float:
-    """Learning rate for 0-based optimizer step `step`.
-
-    Linear warmup to base_lr over `warmup_steps` (the first step already at base_lr / warmup_steps), then
-    cosine decay reaching min_lr after `total_steps` steps.
-    """
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# ---------------------------------------------------------------------------------------------- setup helpers
-def _split_head(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(backbone params, head params), the head being `model.get_classifier()` (the timm convention)."""
-    get_classifier = getattr(model, "get_classifier", None)
-    if not callable(get_classifier):
-        raise ConfigError(
-            f"TrainConfig.head_lr / freeze_backbone_epochs need a model with get_classifier() (as in timm); "
-            f"{type(model).__name__} has none"
-        )
-    head = get_classifier()
-    head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
-    if not head_ids:
-        raise ConfigError(
-            f"{type(model).__name__}.get_classifier() returned no parameters to train as the head"
-        )
-    params = list(model.parameters())
-    return [p for p in params if id(p) not in head_ids], [p for p in params if id(p) in head_ids]
-
-
-def _make_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    if not cfg.decay_norm_bias and cfg.weight_decay > 0:
-        # as timm's create_optimizer_v2: biases and normalisation weights (every 1-D parameter) get no decay
-        split = []
-        for group in groups:
-            decay = [p for p in group["params"] if p.ndim > 1]
-            plain = [p for p in group["params"] if p.ndim <= 1]
-            split += [g for g in ({**group, "params": decay}, {**group, "params": plain, "weight_decay": 0.0})
-                      if g["params"]]
-        groups = split
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def _make_scheduler(
-    cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None:
-    if cfg.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr
-        )
-    if cfg.scheduler == "cosine":
-        total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-
-        def factor(base: float) -> Any:
-            return lambda step: (
-                warmup_cosine_lr(
-                    step, base_lr=base, min_lr=cfg.min_lr, warmup_steps=warmup, total_steps=total
-                )
-                / base
-            )
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(g["lr"]) for g in optimizer.param_groups])
-    return None
-
-
 def _check_data(train: ArrayData, val: ArrayData | None, test: ArrayData | None, cfg: TrainConfig) -> None:
-    for name, data in (("train", train), ("val", val), ("test", test)):
-        if data is None and name != "train":
-            continue
-        if not isinstance(data, ArrayData):
-            raise DataError(f"fit: {name} must be an ArrayData; got {type(data).__name__}")
-        if len(data) == 0:
-            raise DataError(f"fit: the {name} set is empty")
-    shapes = {name: d.image_shape for name, d in (("val", val), ("test", test)) if d is not None}
-    if len(set(shapes.values())) > 1:
-        raise DataError(f"fit: val and test must have the same image size; got {shapes}")
+    check_fit_splits(train, val, test)
     if val is None and (cfg.scheduler == "plateau" or cfg.early_stopping_patience > 0):
         raise ConfigError("fit: without a validation set (a refit) nothing can drive scheduler='plateau' or "
                           "early stopping; use scheduler 'cosine' or 'none' and early_stopping_patience=0")
@@ -309,15 +107,10 @@ class _FitLoop:
 
         self.drop_last = len(train) >= cfg.batch_size
         self.steps_per_epoch = len(train) // cfg.batch_size if self.drop_last else 1
-        self.backbone: list[nn.Parameter] = []
-        if cfg.head_lr is not None or cfg.freeze_backbone_epochs > 0:
-            self.backbone, head = _split_head(model)
-            groups = [{"params": self.backbone}, {"params": head, "lr": cfg.head_lr or cfg.lr}]
-        else:
-            groups = [{"params": list(model.parameters())}]
+        self.backbone, groups = param_groups(model, cfg)
         self.trainable = {id(p): p.requires_grad for p in model.parameters()}  # restored after freezing
-        self.optimizer = _make_optimizer(cfg, groups)
-        self.scheduler = _make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
+        self.optimizer = make_optimizer(cfg, groups)
+        self.scheduler = make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         # Loss scaling is only needed for float16 (bfloat16 has float32's exponent range).
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
@@ -332,7 +125,7 @@ class _FitLoop:
         """Run one evaluation image through the model to learn its number of classes (and fail early)."""
         probe = next(d for d in (self.val, self.test, self.train) if d is not None)
         x, _ = next(iterate_batches(probe, 1, shuffle=False, generator=None, device=self.device, prefetch=False))
-        logits = infer_logits(
+        logits, _ = infer(
             self.model,
             [x],
             self.eval_transform,
@@ -345,62 +138,39 @@ class _FitLoop:
                 f"fit: the model must return (N, num_classes) logits; got shape {tuple(logits.shape)}"
             )
         num_classes = logits.shape[1]
-        for name, data in (("train", self.train), ("val", self.val), ("test", self.test)):
-            if data is not None and int(data.targets.max()) >= num_classes:
-                raise DataError(
-                    f"fit: the {name} labels go up to {int(data.targets.max())} but the model predicts "
-                    f"{num_classes} classes"
-                )
+        check_fit_labels(num_classes, {"train": self.train, "val": self.val, "test": self.test})
         return num_classes
 
     def _checkpoint_payload(self, epoch: int) -> dict[str, Any]:
         # The best weights are stored separately only when they differ from the current ones (saves a copy).
         best = None if self.best_epoch == epoch else self.best_state
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "epoch": epoch,
-            "config": asdict(self.cfg),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict(),
-            "history": self.history,
-            "best_epoch": self.best_epoch,
-            "best_val_acc": self.best_acc,
-            "best_val_loss": self.best_loss,
-            "best_state_dict": best,
-            "epochs_without_improvement": self.epochs_without_improvement,
-            "stopped_early": self.stopped_early,
-            "rng": capture_rng(self._generators()),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-        }
+        return checkpoint_payload(
+            epoch,
+            self.cfg,
+            self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
+            scaler=self.scaler.state_dict(),
+            history=self.history,
+            best_epoch=self.best_epoch,
+            best_val_acc=self.best_acc,
+            best_val_loss=self.best_loss,
+            best_state_dict=best,
+            epochs_without_improvement=self.epochs_without_improvement,
+            stopped_early=self.stopped_early,
+            rng=capture_rng(self._generators()),
+            ema=self.ema.state_dict() if self.ema is not None else None,
+        )
 
     def _generators(self) -> dict[str, torch.Generator]:
         return {"shuffle": self.shuffle_gen, "augment": self.aug_gen}
-
-    def _check_resume_config(self, saved: dict[str, Any], path: Path) -> None:
-        now = asdict(self.cfg)
-        mutable = RESUME_MUTABLE - ({"epochs"} if self.cfg.scheduler == "cosine" else set())
-        diffs = [
-            f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}"
-            for k in (f.name for f in fields(TrainConfig))
-            if k not in mutable and saved.get(k) != now[k]
-        ]
-        if diffs:
-            raise CarsmlError(
-                f"checkpoint {path}: written with other training options ({'; '.join(diffs)}); resume with "
-                "the same options or start a new fit"
-            )
 
     def restore(self) -> None:
         """Continue from `checkpoint_dir/last.pt` (model, optimizer, schedules, counters, RNG states)."""
         if self.checkpoint_dir is None:
             raise ConfigError("fit: resume=True needs a checkpoint_dir")
         path = self.checkpoint_dir / LAST_NAME
-        ckpt = load_checkpoint(path)
-        check_compatible(self.model, ckpt["model"], path)
-        self._check_resume_config(ckpt["config"], path)
+        ckpt = load_resume_checkpoint(path, self.model, self.cfg)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scheduler is not None:
@@ -519,7 +289,7 @@ class _FitLoop:
                 labels.append(y)
                 yield x
 
-        logits = infer_logits(
+        logits, _ = infer(
             self.model,
             images(),
             self.eval_transform,
@@ -597,18 +367,8 @@ class _FitLoop:
         if self.checkpoint_dir is None:
             return
         if self.best_epoch == epoch:
-            atomic_save(
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "version": CHECKPOINT_VERSION,
-                    "epoch": epoch,
-                    "config": asdict(self.cfg),
-                    "model": self.best_state,
-                    "val_acc": self.best_acc,
-                    "val_loss": self.best_loss,
-                },
-                self.checkpoint_dir / BEST_NAME,
-            )
+            best = checkpoint_payload(epoch, self.cfg, self.best_state, val_acc=self.best_acc, val_loss=self.best_loss)
+            atomic_save(best, self.checkpoint_dir / BEST_NAME)
         atomic_save(self._checkpoint_payload(epoch), self.checkpoint_dir / LAST_NAME)
 
     def state(self, resumed: bool) -> FitState:

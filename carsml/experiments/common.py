@@ -1,14 +1,20 @@
-"""Parts every entry point shares: resolving the `data` option and locating the cache."""
+"""Parts every entry point shares: resolving the `data` option, locating the cache, building the model from a
+training config, and the option checks of inference entry points."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from carsml.data.cache import default_cache_dir
 from carsml.data.readers import load_dataset
 from carsml.data.synthetic import ensure_synthetic
 from carsml.data.table import Dataset
+from carsml.engine.device import AMP_CHOICES, resolve_device
+from carsml.errors import ConfigError
+from carsml.models.factory import create_model
 
 
 def cache_root(cfg: dict[str, Any]) -> Path:
@@ -56,3 +62,43 @@ def model_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg.get("drop_path_rate", 0) > 0:  # timm's VGG / DenseNet reject the keyword even at 0
         kwargs["drop_path_rate"] = cfg["drop_path_rate"]
     return kwargs
+
+def build_model(cfg: dict[str, Any], num_classes: int, *, seed: int | None = None, for_resume: bool = False,
+                **overrides: Any) -> nn.Module:
+    """The network `cfg` configures, with a `num_classes`-way head: the one model builder of the entry points.
+
+    Its initial weights depend on `seed` alone (default: cfg's `seed`), whatever ran before. A local `weights` file
+    takes precedence over `pretrained` (so the offline remedy is one option). A resumed run restores every tensor from
+    its checkpoint (`for_resume`), so it neither needs nor asks for pretrained weights. `overrides` replace model
+    options (e.g. the widest dropout a search will try, to check the options before it starts).
+    """
+    kwargs = {**model_kwargs(cfg), **overrides}
+    if cfg.get("weights"):
+        kwargs.pop("pretrained", None)
+    if for_resume:
+        kwargs.pop("pretrained", None)
+        kwargs.pop("weights", None)
+    return create_model(cfg["model"], num_classes, cfg["image_size"], seed=cfg["seed"] if seed is None else seed,
+                        **kwargs)
+
+
+def check_choice(cfg: dict[str, Any], key: str, choices: tuple[str, ...]) -> str:
+    """cfg[key] if it is one of `choices`, else a ConfigError listing them."""
+    value = str(cfg[key]).strip()
+    if value not in choices:
+        raise ConfigError(f"Option {key!r}: expected one of {', '.join(choices)}; got {cfg[key]!r}")
+    return value
+
+
+def check_inference(cfg: dict[str, Any]) -> None:
+    """device, amp and batch_size of an inference entry point, checked before any run exists."""
+    resolve_device(str(cfg["device"]))
+    check_choice(cfg, "amp", AMP_CHOICES)
+    check_positive(cfg, "batch_size")
+
+
+def check_positive(cfg: dict[str, Any], *keys: str) -> None:
+    """Each cfg[key] must be an integer >= 1."""
+    for key in keys:
+        if int(cfg[key]) < 1:
+            raise ConfigError(f"Option {key!r}: expected a positive integer; got {cfg[key]!r}")

@@ -13,14 +13,14 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from mlflow.entities import Run  # mlflow: the type of the parent run read through tracking.search
 
 from carsml.errors import CarsmlError
-from carsml.tracking.runs import setup_tracking
+from carsml.tracking import tags as tag
+from carsml.tracking.runs import log_figure, log_files, setup_tracking
+from carsml.tracking.search import experiment_id, experiment_names, get_run, search_runs, tracking_uri
 
 # table column -> the metric fit_and_log logs
 METRICS = {"params": "n_params", "val_loss": "best_val_loss", "val_acc": "best_val_acc", "test_loss": "test_loss",
@@ -34,39 +34,30 @@ STEM = "transfer_comparison"
 
 
 def _experiment_id(experiment_name: str) -> str:
-    experiment = mlflow.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        known = sorted(e.name for e in mlflow.search_experiments())
-        raise CarsmlError(f"experiment {experiment_name!r}: not found at tracking URI {mlflow.get_tracking_uri()}; "
-                          f"known: {', '.join(known) or '(none)'}")
-    return experiment.experiment_id
+    found = experiment_id(experiment_name)
+    if found is None:
+        raise CarsmlError(f"experiment {experiment_name!r}: not found at tracking URI {tracking_uri()}; "
+                          f"known: {', '.join(experiment_names()) or '(none)'}")
+    return found
 
 
-def _parent(parent_run_id: str) -> mlflow.entities.Run:
-    try:
-        parent = MlflowClient().get_run(parent_run_id)
-    except MlflowException as exc:
-        raise CarsmlError(f"parent_run_id={parent_run_id!r}: no such MLflow run at tracking URI "
-                          f"{mlflow.get_tracking_uri()} ({exc.message})") from None
-    entry = parent.data.tags.get("carsml.entry_point")
+def _parent(parent_run_id: str) -> Run:
+    parent = get_run(parent_run_id, "parent_run_id")
+    entry = parent.data.tags.get(tag.ENTRY_POINT)
     if entry != "transfer_all":
         raise CarsmlError(f"parent_run_id={parent_run_id!r} is a {entry!r} run, not a transfer_all run")
     return parent
 
 
-def transfer_runs(experiment_id: str, parent_run_id: str = "") -> pd.DataFrame:
+def transfer_runs(experiment: str, parent_run_id: str = "") -> pd.DataFrame:
     """Finished `transfer` runs of an experiment (only the children of `parent_run_id` when given), one row each."""
-    query = "tags.`carsml.entry_point` = 'transfer' and attributes.status = 'FINISHED'"
+    query = f"tags.`{tag.ENTRY_POINT}` = 'transfer' and attributes.status = 'FINISHED'"
     if parent_run_id:
         query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
-    runs = mlflow.search_runs([experiment_id], filter_string=query, output_format="pandas")
-    if runs.empty:
-        return pd.DataFrame(columns=COLUMNS)
-    out = pd.DataFrame({"model": runs.get("tags.carsml.model"), "run_id": runs["run_id"]})
-    for column, metric in METRICS.items():
-        key = f"metrics.{metric}"
-        out[column] = runs[key].astype(float) if key in runs else np.nan
-    return out[COLUMNS]
+    rows = [{"model": run.data.tags.get(tag.MODEL), "run_id": run.info.run_id,
+             **{column: float(run.data.metrics.get(metric, np.nan)) for column, metric in METRICS.items()}}
+            for run in search_runs([experiment], query)]
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def best_per_model(runs: pd.DataFrame) -> pd.DataFrame:
@@ -81,14 +72,14 @@ def build_table(experiment_name: str = "stanford-cars", parent_run_id: str = "")
     run per model in the experiment (by validation accuracy, best first). CarsmlError when there is no run."""
     if parent_run_id:
         parent = _parent(parent_run_id)
-        experiment_id = parent.info.experiment_id
+        experiment = parent.info.experiment_id
         where = f"transfer_all run {parent_run_id}"
     else:
-        experiment_id = _experiment_id(experiment_name)
+        experiment = _experiment_id(experiment_name)
         where = f"experiment {experiment_name!r}"
-    table = best_per_model(transfer_runs(experiment_id, parent_run_id))
+    table = best_per_model(transfer_runs(experiment, parent_run_id))
     if table.empty:
-        raise CarsmlError(f"no finished transfer runs in {where} (tracking URI {mlflow.get_tracking_uri()}); "
+        raise CarsmlError(f"no finished transfer runs in {where} (tracking URI {tracking_uri()}); "
                           f"run `carsml transfer` or `carsml transfer-all` first")
     if parent_run_id:
         order = [m.strip() for m in parent.data.params.get("models", "").split(",") if m.strip()]
@@ -155,15 +146,9 @@ def _figure(table: pd.DataFrame):  # noqa: ANN202 - a matplotlib Figure
 
 def log_table(table: pd.DataFrame, run_id: str) -> None:
     """Log the table (Markdown + CSV) and an accuracy bar chart to run `run_id` (active or finished)."""
-    import matplotlib.pyplot as plt
-
-    client = MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:
-        for path in write_table(table, Path(tmp)):
-            client.log_artifact(run_id, str(path), ARTIFACT_DIR)
-    fig = _figure(table)
-    client.log_figure(run_id, fig, f"figures/{STEM}.png")
-    plt.close(fig)
+        log_files(write_table(table, Path(tmp)), ARTIFACT_DIR, run_id)
+    log_figure(_figure(table), f"figures/{STEM}.png", run_id=run_id)
 
 
 def compare_runs(experiment_name: str = "stanford-cars", parent_run_id: str = "",

@@ -5,7 +5,6 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd
 
@@ -13,7 +12,17 @@ from carsml.data.images import open_rgb, read_header
 from carsml.data.table import SPLITS, Dataset
 from carsml.experiments.common import resolve_dataset
 from carsml.tracking import figures
-from carsml.tracking.runs import log_csv, log_dataset, log_figure, setup_tracking, start_run
+from carsml.tracking import tags as tag
+from carsml.tracking.runs import (
+    log_csv,
+    log_dataset,
+    log_figure,
+    log_metrics,
+    log_text,
+    set_tags,
+    setup_tracking,
+    start_run,
+)
 
 
 def class_counts(dataset: Dataset) -> pd.DataFrame:
@@ -59,8 +68,8 @@ def image_statistics(rows: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
 
 def _log_image_statistics(stats: pd.DataFrame) -> None:
     modes = stats["mode"].value_counts().to_dict()
-    mlflow.log_metrics({f"mode_{m}_images": float(c) for m, c in modes.items()})
-    mlflow.log_metrics({
+    log_metrics({f"mode_{m}_images": float(c) for m, c in modes.items()})
+    log_metrics({
         "image_width_median": float(stats["width"].median()),
         "image_height_median": float(stats["height"].median()),
         "aspect_ratio_median": float(stats["aspect_ratio"].median()),
@@ -99,7 +108,7 @@ def run(cfg: dict[str, Any]) -> dict[str, float]:
             log_dataset(dataset, table[table["split"] == split], context=split)
         counts = class_counts(dataset)
         stats = split_statistics(counts, splits)
-        mlflow.log_metrics(stats)
+        log_metrics(stats)
         log_csv(counts, "tables/class_counts.csv", as_table=True)
         for split in splits:
             log_figure(figures.class_distribution(counts, split), f"figures/class_distribution_{split}.png")
@@ -107,10 +116,10 @@ def run(cfg: dict[str, Any]) -> dict[str, float]:
         box_h = (table["y2"] - table["y1"]).to_numpy()
         log_figure(figures.size_scatter(box_w, box_h, "Bounding-box sizes"), "figures/box_sizes.png")
         if dataset.notes:
-            mlflow.log_text("\n".join(dataset.notes), "notes.txt")
+            log_text("\n".join(dataset.notes), "notes.txt")
         if dataset.has_images:
             _log_image_statistics(image_statistics(table, cfg["image_stats_limit"], cfg["seed"]))
             if cfg["sample_images"] > 0:
                 _log_sample_grid(dataset, cfg["sample_images"], cfg["seed"])
-        mlflow.set_tag("carsml.has_images", str(dataset.has_images).lower())
+        set_tags({tag.HAS_IMAGES: str(dataset.has_images).lower()})
     return stats

@@ -21,13 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
-from mlflow.tracking import MlflowClient
+from mlflow.entities import Run  # mlflow: the type of the runs this module reads (through tracking.search)
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, classification_report, precision_recall_fscore_support
@@ -36,21 +33,21 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from torch import nn
 
-from carsml.config import coerce, options
 from carsml.data.splits import membership_table, train_val_split
 from carsml.data.table import Dataset
 from carsml.data.transforms import BatchTransform, build_transform
-from carsml.engine.device import AMP_CHOICES, autocast_dtype, resolve_device
-from carsml.engine.evaluate import autocast_context
-from carsml.engine.loader import ArrayData, iterate_batches
+from carsml.engine.device import AMP_CHOICES, resolve_device
+from carsml.engine.evaluate import predict
+from carsml.engine.loader import ArrayData
 from carsml.errors import CarsmlError, ConfigError, DataError
 from carsml.experiments.common import limit_classes, resolve_dataset
 from carsml.experiments.train import decode
-from carsml.tracking.models import load_model, log_model, resolve_model_uri
-from carsml.tracking.pyfunc_rf import SKOPS_TRUSTED_TYPES
-from carsml.tracking.runs import log_csv, log_dataset, log_text, setup_tracking, start_run
+from carsml.tracking import tags as tag
+from carsml.tracking.forest import log_rf_head, log_rf_model
+from carsml.tracking.models import load_model, resolve_model_uri
+from carsml.tracking.runs import log_artifacts, log_csv, log_dataset, log_metrics, log_text, setup_tracking, start_run
+from carsml.tracking.search import config_from_run, experiment_id, get_run, search_runs, tracking_uri
 
-RF_PYFUNC_FILE = Path(__file__).resolve().parents[1] / "tracking" / "pyfunc_rf.py"
 HEADS = ("rf", "logreg", "knn")
 # the source run's options that rebuild its data and its train/val split
 DATA_KEYS = ("data", "synth_classes", "synth_images_per_class", "synth_seed", "cache_dir", "image_size", "use_boxes",
@@ -115,35 +112,29 @@ def _search_experiment(experiment_name: str) -> tuple[str | None, str]:
     (--experiment-name decides, as for the run itself), else `experiment_name`."""
     if os.environ.get("MLFLOW_RUN_ID") and os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return os.environ["MLFLOW_EXPERIMENT_ID"], f"experiment id {os.environ['MLFLOW_EXPERIMENT_ID']} (mlflow run)"
-    experiment = mlflow.get_experiment_by_name(experiment_name)
-    return (experiment.experiment_id if experiment else None), f"experiment {experiment_name!r}"
+    return experiment_id(experiment_name), f"experiment {experiment_name!r}"
 
 
-def best_transfer_run(experiment_name: str, model: str) -> mlflow.entities.Run:
+def best_transfer_run(experiment_name: str, model: str) -> Run:
     """The finished `transfer` run tagged carsml.model=`model` with the best validation accuracy (ties: lower val
     loss); CarsmlError when the experiment holds none."""
-    experiment_id, where = _search_experiment(experiment_name)
-    query = (f"tags.`carsml.entry_point` = 'transfer' and tags.`carsml.model` = '{model}' "
+    searched, where = _search_experiment(experiment_name)
+    query = (f"tags.`{tag.ENTRY_POINT}` = 'transfer' and tags.`{tag.MODEL}` = '{model}' "
              f"and attributes.status = 'FINISHED'")
-    runs = MlflowClient().search_runs([experiment_id], query,
-                                      order_by=["metrics.best_val_acc DESC", "metrics.best_val_loss ASC"],
-                                      max_results=1) if experiment_id else []
+    runs = search_runs([searched], query, order_by=["metrics.best_val_acc DESC", "metrics.best_val_loss ASC"],
+                       max_results=1) if searched else []
     if not runs:
         raise CarsmlError(f"features_rf: no finished transfer run with carsml.model={model!r} in {where} "
-                          f"(tracking URI {mlflow.get_tracking_uri()}); train one with "
+                          f"(tracking URI {tracking_uri()}); train one with "
                           f"`carsml transfer --model {model}`, or pass --run-id <a training run>")
     return runs[0]
 
 
-def source_run(cfg: dict[str, Any]) -> mlflow.entities.Run:
+def source_run(cfg: dict[str, Any]) -> Run:
     """The run whose network gives the features (`run_id`, or the best transfer run of `model`)."""
     if not cfg["run_id"]:
         return best_transfer_run(cfg["experiment_name"], cfg["model"])
-    try:
-        return MlflowClient().get_run(cfg["run_id"])
-    except MlflowException as exc:
-        raise CarsmlError(f"run_id={cfg['run_id']!r}: no such MLflow run at tracking URI "
-                          f"{mlflow.get_tracking_uri()} ({exc.message})") from None
+    return get_run(cfg["run_id"], "run_id")
 
 
 def check_backbone(model: nn.Module, image_size: int, where: str) -> int:
@@ -165,27 +156,27 @@ def check_backbone(model: nn.Module, image_size: int, where: str) -> int:
     return int(out.shape[1])
 
 
-def source_data_config(run: mlflow.entities.Run, cfg: dict[str, Any]) -> dict[str, Any]:
+def source_data_config(run: Run, cfg: dict[str, Any]) -> dict[str, Any]:
     """The source run's data options (typed), with this run's `data` / `cache_dir` overrides."""
-    params, opts = run.data.params, options("_train")
-    missing = [k for k in DATA_KEYS if k not in params]
+    missing = [k for k in DATA_KEYS if k not in run.data.params]
     if missing:
         raise CarsmlError(f"run {run.info.run_id}: lacks the param(s) {', '.join(missing)} that rebuild its data "
                           f"and train/val split; pass a run of a carsml training entry point")
-    out = {k: coerce(opts[k], params[k]) for k in DATA_KEYS}
+    source_cfg = config_from_run(run)
+    out = {k: source_cfg[k] for k in DATA_KEYS}
     for key in ("data", "cache_dir"):
         if cfg[key]:
             out[key] = cfg[key]
     return out
 
 
-def load_backbone(run: mlflow.entities.Run) -> tuple[nn.Module, dict[str, Any]]:
+def load_backbone(run: Run) -> tuple[nn.Module, dict[str, Any]]:
     """The source run's network and bundle info; CarsmlError for runs that are not a usable backbone."""
     run_id, tags = run.info.run_id, run.data.tags
     where = f"run {run_id} ({tags.get('carsml.entry_point', 'not a carsml run')})"
     if run.info.status != "FINISHED":
         raise CarsmlError(f"{where}: status {run.info.status}; features_rf needs a finished training run")
-    if "carsml.fold" in tags:
+    if tag.FOLD in tags:
         raise CarsmlError(f"{where}: a k-fold child; features_rf rebuilds a train/val split from the run's seed, "
                           f"which a fold's split is not; pass a transfer, baseline or improved run")
     resolve_model_uri(run_id)  # CarsmlError naming the run when it holds no carsml model
@@ -198,18 +189,11 @@ def load_backbone(run: mlflow.entities.Run) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def extract_features(model: nn.Module, data: ArrayData, fnames: np.ndarray, transform: BatchTransform, *,
-                     batch_size: int, device: torch.device, amp_dtype: torch.dtype | None) -> Features:
-    """One forward pass of the backbone per image: pre-logit features and the network's own logits."""
-    model.to(device).eval()
-    feats, logits = [], []
-    with torch.inference_mode():
-        for x, _ in iterate_batches(data, batch_size, shuffle=False, generator=None, device=device):
-            with autocast_context(device, amp_dtype):
-                hidden = model.forward_features(transform(x, train=False))
-                feats.append(model.forward_head(hidden, pre_logits=True).float().cpu())
-                logits.append(model.forward_head(hidden).float().cpu())
-    return Features(torch.cat(feats).numpy(), data.targets.copy(), torch.cat(logits).numpy(),
-                    np.asarray(fnames, dtype=str))
+                     batch_size: int, device: str, amp: str) -> Features:
+    """One forward pass of the backbone per image (the engine's `predict`, as the served rf_model does):
+    pre-logit features and the network's own logits."""
+    out = predict(model, data, transform, batch_size=batch_size, device=device, amp=amp, features=True)
+    return Features(out.features, data.targets.copy(), out.logits, np.asarray(fnames, dtype=str))
 
 
 # ------------------------------------------------------------------------------------------------- heads
@@ -294,30 +278,6 @@ def evaluate_heads(heads: dict[str, Any], splits: dict[str, Features], class_nam
 # ---------------------------------------------------------------------------------------------- models
 
 
-def log_rf_head(rf: RandomForestClassifier, example: np.ndarray) -> str:
-    """Log the forest alone (features in, class out) as an sklearn model in skops format; tag carsml.rf_head_uri."""
-    logged = mlflow.sklearn.log_model(rf, name="rf_head", serialization_format="skops",
-                                      skops_trusted_types=SKOPS_TRUSTED_TYPES,
-                                      signature=infer_signature(example, rf.predict(example)), input_example=example)
-    mlflow.set_tag("carsml.rf_head_uri", logged.model_uri)
-    return logged.model_uri
-
-
-def log_rf_model(model: nn.Module, info: dict[str, Any], rf: RandomForestClassifier, examples: np.ndarray,
-                 extra_info: dict[str, Any]) -> str:
-    """Log backbone + forest as one image→label pyfunc (`pyfunc_rf.py`); tag carsml.rf_model_uri."""
-    import skops.io
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "rf.skops"
-        skops.io.dump(rf, path)
-        untrusted = sorted(set(skops.io.get_untrusted_types(file=path)) - set(SKOPS_TRUSTED_TYPES))
-        if untrusted:  # the served model could not load it: fail here, not at serving time
-            raise CarsmlError(f"the RandomForest holds types the rf_model would refuse to load: {untrusted}")
-        return log_model(model.cpu(), {**info, **extra_info}, examples, name="rf_model",
-                         extra_artifacts={"rf": str(path)}, python_model=RF_PYFUNC_FILE)
-
-
 # ------------------------------------------------------------------------------------------------- entry
 
 
@@ -337,8 +297,8 @@ def run(cfg: dict[str, Any]) -> FeaturesRF:
     data_cfg = source_data_config(source, cfg)
     dataset = limit_classes(resolve_dataset(data_cfg), data_cfg["max_classes"])
     _check_data(dataset, info, source_id)
-    backbone = source.data.tags.get("carsml.model") or info["model_config"]["name"]
-    tags = {"carsml.backbone_run_id": source_id, "carsml.source_run_id": source_id, "carsml.model": backbone}
+    backbone = source.data.tags.get(tag.MODEL) or info["model_config"]["name"]
+    tags = {tag.BACKBONE_RUN_ID: source_id, tag.SOURCE_RUN_ID: source_id, tag.MODEL: backbone}
     with start_run(cfg["entry_point"], cfg, run_name=f"features_rf-{backbone}", tags=tags) as active:
         train_rows, test_rows = decode(data_cfg, dataset, "train"), decode(data_cfg, dataset, "test")
         if train_rows is None:
@@ -352,9 +312,8 @@ def run(cfg: dict[str, Any]) -> FeaturesRF:
         log_csv(membership_table(train_rows.table["fname"], {"train": train_idx, "val": val_idx}),
                 "data/split_membership.csv")
 
-        device = resolve_device(cfg["device"])
         transform = build_transform("none", mean=info["mean"], std=info["std"])
-        kwargs = {"batch_size": cfg["batch_size"], "device": device, "amp_dtype": autocast_dtype(device, cfg["amp"])}
+        kwargs = {"batch_size": cfg["batch_size"], "device": cfg["device"], "amp": cfg["amp"]}
         official = extract_features(model, ArrayData(train_rows.images, train_rows.labels),
                                     train_rows.table["fname"].to_numpy(), transform, **kwargs)
         splits = {"train": official.subset(train_idx), "val": official.subset(val_idx)}
@@ -364,15 +323,15 @@ def run(cfg: dict[str, Any]) -> FeaturesRF:
         with tempfile.TemporaryDirectory() as tmp:
             for split, feats in splits.items():
                 feats.save(Path(tmp) / f"{split}.npz")
-            mlflow.log_artifacts(tmp, "features")
-        mlflow.log_metrics({"feature_dim": float(official.features.shape[1]),
+            log_artifacts(tmp, "features")
+        log_metrics({"feature_dim": float(official.features.shape[1]),
                             **{f"{s}_images": float(len(f.labels)) for s, f in splits.items()}})
 
         heads = make_heads(cfg)
         for head in heads.values():
             head.fit(splits["train"].features, splits["train"].labels)
         metrics = evaluate_heads(heads, splits, dataset.class_names)
-        mlflow.log_metrics(metrics)
+        log_metrics(metrics)
 
         rf_head_uri = log_rf_head(heads["rf"], splits["train"].features[:2])
         examples = test_rows.images[:2] if test_rows is not None else train_rows.images[val_idx[:2]]

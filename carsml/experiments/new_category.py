@@ -18,180 +18,39 @@ analyse it like any other model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
 from carsml.config import load_config
-from carsml.data.cache import DecodedImages, build_cache
-from carsml.data.images import read_header
-from carsml.data.readers import IMAGE_EXTENSIONS
 from carsml.data.splits import membership_table
-from carsml.data.synthetic import ensure_synthetic
-from carsml.data.table import make_table
 from carsml.engine.device import resolve_device, seed_everything
-from carsml.engine.evaluate import EvalResult, eval_mode, evaluate
-from carsml.engine.loader import ArrayData, iterate_batches
-from carsml.errors import CarsmlError, ConfigError, DataError
-from carsml.experiments.common import cache_root
-from carsml.experiments.errors import (
+from carsml.engine.evaluate import EvalResult, evaluate, predict
+from carsml.engine.loader import ArrayData
+from carsml.errors import CarsmlError, ConfigError
+from carsml.experiments.common import cache_root, check_choice
+from carsml.experiments.source import (
     DataPlan,
+    NewClass,
     Source,
-    Splits,
-    check_choice,
     decode_splits,
     eval_transform,
     load_source,
     plan_data,
+    plan_new_class,
     require_split,
 )
 from carsml.models.factory import create_model
-from carsml.tracking.runs import log_csv, log_dataset, setup_tracking, start_run
+from carsml.tracking import tags as tag
+from carsml.tracking.runs import log_csv, log_dataset, log_metrics, log_params, setup_tracking, start_run
 
 MODES = ("scratch", "warmstart")
 INITS = ("imprint", "mean")
 WARMSTART_EPOCHS = 5  # the default fine-tune length (never more than the source run trained)
 WARMSTART_LR_FACTOR = 0.1  # backbone lr = source lr x this; the classifier keeps the source lr
-SYNTHETIC_EXTRA = "BIG_TRUCKS"  # the folder the synthetic generator writes next to the dataset
-
-
-# ======================================================================================= the new class's data
-
-
-@dataclass
-class NewClass:
-    """An added class: its images (whole-image boxes), their train / val / test roles, and how they were chosen."""
-
-    class_name: str
-    folder: Path
-    label: int
-    table: pd.DataFrame  # dataset-table columns + role (train | val | test), one row per image
-    spec: dict[str, Any]  # what the bundle records to rebuild it: class_name, folder, test_fraction, seed
-
-    def count(self, role: str) -> int:
-        return int((self.table["role"] == role).sum())
-
-
-def default_folder(data_cfg: dict[str, Any]) -> Path:
-    """The synthetic BIG_TRUCKS folder next to the synthetic dataset (data=synthetic only)."""
-    if data_cfg["data"] != "synthetic":
-        raise ConfigError("folder: required when data is not 'synthetic' — the folder of images of the new class "
-                          "(e.g. -P folder=/data/big_trucks)")
-    root = ensure_synthetic(cache_root(data_cfg) / "synthetic", num_classes=data_cfg["synth_classes"],
-                            images_per_class=data_cfg["synth_images_per_class"], seed=data_cfg["synth_seed"])
-    return root.parent / SYNTHETIC_EXTRA
-
-
-def _list_images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise DataError(f"folder={str(folder)!r}: no such folder; expected a folder of images of the new class")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise DataError(f"folder={str(folder)!r} is empty; expected images of the new class "
-                        f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-    if not images:
-        shown = ", ".join(p.name for p in files[:5]) + (", ..." if len(files) > 5 else "")
-        raise DataError(f"folder={str(folder)!r} holds no images: {len(files)} file(s) ({shown}); expected "
-                        f"{', '.join(sorted(IMAGE_EXTENSIONS))}")
-    return images
-
-
-def _sizes(images: list[Path], skip_unreadable: bool) -> tuple[list[Path], list[tuple[int, int]]]:
-    """Header sizes of the images (cheap); unreadable files fail here, before any run, unless skipped."""
-    kept, sizes, failures = [], [], []
-    for path in images:
-        try:
-            header = read_header(path)
-        except DataError as exc:
-            failures.append(str(exc))
-            continue
-        kept.append(path)
-        sizes.append((header.width, header.height))
-    if failures and not skip_unreadable:
-        shown = "\n  ".join(failures[:5])
-        raise DataError(f"{len(failures)} file(s) of the new class are not readable images (pass "
-                        f"skip_unreadable=true to leave them out):\n  {shown}")
-    return kept, sizes
-
-
-def split_counts(n: int, test_fraction: float, val_fraction: float, folder: Path) -> tuple[int, int, int]:
-    """(train, val, test) image counts for n images: the fractions rounded, but at least one of each."""
-    if n < 3:
-        raise DataError(f"folder={str(folder)!r} has {n} usable image(s); the new class needs at least 3: one "
-                        f"for training, one for validation and one for test (dozens for metrics that mean much)")
-    n_test = min(max(1, round(n * test_fraction)), n - 2)
-    n_val = min(max(1, round((n - n_test) * val_fraction)), n - n_test - 1)
-    return n - n_test - n_val, n_val, n_test
-
-
-def plan_new_class(spec: dict[str, Any], data_cfg: dict[str, Any], existing: list[str]) -> NewClass:
-    """Check and split a new class's folder (headers only, nothing decoded): raises before any run on bad input."""
-    name = str(spec["class_name"]).strip()
-    if not name:
-        raise ConfigError("class_name: expected the name of the new class (e.g. BIG_TRUCKS); got an empty string")
-    if name in existing:
-        raise ConfigError(f"class_name={name!r} already exists (class id {existing.index(name)} of the source "
-                          f"model's {len(existing)} classes); choose a new name")
-    test_fraction = float(spec["test_fraction"])
-    if not 0.0 < test_fraction < 1.0:
-        raise ConfigError(f"test_fraction: expected a fraction in (0, 1); got {spec['test_fraction']!r}")
-    folder = Path(spec["folder"]).expanduser().resolve() if spec["folder"] else default_folder(data_cfg)
-    images, sizes = _sizes(_list_images(folder), bool(data_cfg["skip_unreadable"]))
-    n_train, n_val, n_test = split_counts(len(images), test_fraction, float(data_cfg["val_fraction"]), folder)
-    order = np.random.default_rng(int(spec["seed"])).permutation(len(images))
-    roles = np.empty(len(images), dtype=object)
-    roles[order[:n_test]] = "test"
-    roles[order[n_test:n_test + n_val]] = "val"
-    roles[order[n_test + n_val:]] = "train"
-    label = len(existing)
-    table = make_table([{"path": str(p), "label": label, "class_name": name, "x1": 0, "y1": 0, "x2": w, "y2": h,
-                         "split": "test" if r == "test" else "train", "fname": p.name}
-                        for p, (w, h), r in zip(images, sizes, roles, strict=True)])
-    table["role"] = roles
-    return NewClass(name, folder, label, table, {"class_name": name, "folder": str(spec["folder"]),
-                                                 "test_fraction": test_fraction, "seed": int(spec["seed"])})
-
-
-def _decode_new(new: NewClass, data_cfg: dict[str, Any]) -> DecodedImages:
-    # whole images (the boxes are the whole image anyway), resized like every other image: what serving sees too
-    return build_cache(new.table, int(data_cfg["image_size"]), cache_dir=cache_root(data_cfg), use_boxes=False,
-                       margin=0.0, skip_unreadable=bool(data_cfg["skip_unreadable"]))
-
-
-def combine(plan: DataPlan, train_rows: DecodedImages, test_rows: DecodedImages | None, train_idx: np.ndarray,
-            val_idx: np.ndarray) -> Splits:
-    """The dataset's splits plus every added class's images, as one in-memory array viewed per split."""
-    parts: list[np.ndarray] = [np.asarray(train_rows.images)]
-    labels: list[np.ndarray] = [train_rows.labels]
-    tables: list[pd.DataFrame] = [train_rows.table.assign(role="")]
-    roles = {"train": [np.asarray(train_idx)], "val": [np.asarray(val_idx)], "test": []}
-    offset = len(train_rows.labels)
-    if test_rows is not None:
-        parts.append(np.asarray(test_rows.images))
-        labels.append(test_rows.labels)
-        tables.append(test_rows.table.assign(role="test"))
-        roles["test"].append(offset + np.arange(len(test_rows.labels)))
-        offset += len(test_rows.labels)
-    for new in plan.added:
-        decoded = _decode_new(new, plan.cfg)
-        parts.append(np.asarray(decoded.images))
-        labels.append(decoded.labels)
-        tables.append(decoded.table)
-        for role in roles:
-            roles[role].append(offset + np.flatnonzero(decoded.table["role"].to_numpy() == role))
-        offset += len(decoded.labels)
-    data = ArrayData(np.concatenate(parts), np.concatenate(labels))
-    table = pd.concat(tables, ignore_index=True)
-    index = {role: np.concatenate(chunks) if chunks else np.zeros(0, np.int64) for role, chunks in roles.items()}
-    views = {role: data.subset(idx) for role, idx in index.items()}
-    split_tables = {role: table.iloc[idx].reset_index(drop=True) for role, idx in index.items()}
-    return Splits(views["train"], views["val"], views["test"] if len(index["test"]) else None, split_tables)
 
 
 # ======================================================================================= the model
@@ -234,16 +93,9 @@ def grow_classifier(model: nn.Module, new_weight: torch.Tensor, new_bias: float)
 
 
 def _mean_feature(model: nn.Module, data: ArrayData, info: dict[str, Any]) -> torch.Tensor:
-    """Mean pre-logits feature of `data` (eval mode, CPU)."""
-    transform = eval_transform(info)
-    total, count = None, 0
-    with eval_mode(model), torch.no_grad():
-        for x, _ in iterate_batches(data, 64, shuffle=False, generator=None, device="cpu"):
-            features = model.forward_head(model.forward_features(transform(x, train=False)), pre_logits=True)
-            features = features.float().flatten(1)
-            total = features.sum(0) if total is None else total + features.sum(0)
-            count += features.shape[0]
-    return total / max(count, 1)
+    """Mean pre-logits feature of `data` (float32, the model where it is)."""
+    features = predict(model, data, eval_transform(info), batch_size=64, amp="off", features=True).features
+    return torch.from_numpy(features.mean(axis=0))
 
 
 def warmstart_model(source: Source, new_train: ArrayData, init: str) -> nn.Module:
@@ -267,8 +119,8 @@ def scratch_model(source: Source, num_classes: int, seed: int) -> nn.Module:
     config = {**source.info["model_config"], "num_classes": num_classes}
     if source.cfg.get("pretrained"):
         config["pretrained"] = True
-    seed_everything(seed)
-    return create_model(**config)
+    seed_everything(seed)  # and the training randomness after it
+    return create_model(**config, seed=seed)
 
 
 # ======================================================================================= training settings
@@ -336,8 +188,8 @@ def run(cfg: dict[str, Any]) -> NewCategoryResult:
         check_growable(source.model, len(base.class_names))
     plan = DataPlan(base.cfg, base.dataset, [*base.class_names, new.class_name], [*base.added, new])
     with start_run(cfg["entry_point"], cfg, run_name=f"new_category-{mode}-{new.class_name}",
-                   tags={**source.tags(), "carsml.new_class": new.class_name, "carsml.mode": mode}) as active:
-        mlflow.log_params({"new_class_folder": str(new.folder), "effective_epochs": settings["epochs"],
+                   tags={**source.tags(), tag.NEW_CLASS: new.class_name, tag.MODE: mode}) as active:
+        log_params({"new_class_folder": str(new.folder), "effective_epochs": settings["epochs"],
                            "effective_lr": settings["lr"], "effective_head_lr": settings["head_lr"],
                            "effective_batch_size": settings["batch_size"], "effective_seed": settings["seed"]})
         splits = decode_splits(plan)
@@ -357,7 +209,7 @@ def run(cfg: dict[str, Any]) -> NewCategoryResult:
                               checkpoint_dir=checkpoint_dir, info_extra=info_extra)
         metrics, confusions = new_class_metrics(trained.test, plan.class_names, source_result)
         metrics.update({f"new_class_{role}_images": float(new.count(role)) for role in ("train", "val", "test")})
-        mlflow.log_metrics(metrics)
+        log_metrics(metrics)
         log_csv(confusions, "tables/new_class_confusions.csv", as_table=True)
         return NewCategoryResult(active.info.run_id, trained.model_uri, plan.class_names, metrics, confusions, new)
 

@@ -17,14 +17,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import mlflow
-from mlflow.entities import Run
-from mlflow.tracking import MlflowClient
+from mlflow.entities import Run  # mlflow: the type of the runs read through tracking.search
 
 from carsml.errors import CarsmlError, ConfigError
 from carsml.tracking import registry
+from carsml.tracking import tags as tag
 from carsml.tracking.registry import AliasDecision
-from carsml.tracking.runs import setup_tracking, start_run
+from carsml.tracking.runs import log_metrics, set_tags, setup_tracking, start_run
+from carsml.tracking.search import experiment_id, search_runs, tracking_uri
 
 BACKBONE = "resnet50"
 DESCRIPTIONS = {
@@ -55,18 +55,6 @@ class Promotion:
 # ------------------------------------------------------------------------------------------------ lookups
 
 
-def _all_runs(client: MlflowClient, experiment_id: str, query: str) -> list[Run]:
-    """Every run matching `query` (search_runs pages at 1000)."""
-    runs: list[Run] = []
-    token = None
-    while True:
-        page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def _metric(run: Run, key: str) -> float | None:
     value = run.data.metrics.get(key)
     return value if value is not None and math.isfinite(value) else None
@@ -77,14 +65,14 @@ def _is_backbone(model_tag: str) -> bool:
     return model_tag == BACKBONE or model_tag.startswith(f"{BACKBONE}.")
 
 
-def best_backbone_run(client: MlflowClient, experiment_id: str, experiment_name: str) -> Run:
+def best_backbone_run(experiment_id: str, experiment_name: str) -> Run:
     """The finished resnet50 `transfer` run with a logged model and the best validation accuracy."""
-    query = "tags.`carsml.entry_point` = 'transfer' and attributes.status = 'FINISHED'"
-    candidates = [r for r in _all_runs(client, experiment_id, query)
-                  if _is_backbone(r.data.tags.get("carsml.model", "")) and r.data.tags.get("carsml.model_uri")
+    query = f"tags.`{tag.ENTRY_POINT}` = 'transfer' and attributes.status = 'FINISHED'"
+    candidates = [r for r in search_runs([experiment_id], query)
+                  if _is_backbone(r.data.tags.get(tag.MODEL, "")) and r.data.tags.get(tag.MODEL_URI)
                   and _metric(r, "best_val_acc") is not None]
     if not candidates:
-        raise CarsmlError(f"promote: experiment {experiment_name!r} (tracking URI {mlflow.get_tracking_uri()}) has no "
+        raise CarsmlError(f"promote: experiment {experiment_name!r} (tracking URI {tracking_uri()}) has no "
                           f"finished {BACKBONE} `transfer` run with a logged model and best_val_acc; train one with "
                           f"`carsml transfer --model {BACKBONE}`")
     loss = {r.info.run_id: _metric(r, "best_val_loss") for r in candidates}
@@ -92,13 +80,13 @@ def best_backbone_run(client: MlflowClient, experiment_id: str, experiment_name:
                                           r.info.start_time))
 
 
-def best_rf_run(client: MlflowClient, experiment_id: str, backbone: Run) -> Run:
+def best_rf_run(experiment_id: str, backbone: Run) -> Run:
     """The finished `features_rf` run on `backbone` with an image → label model and the best rf_val_acc."""
     backbone_id = backbone.info.run_id
-    query = (f"tags.`carsml.entry_point` = 'features_rf' and tags.`carsml.backbone_run_id` = '{backbone_id}' "
+    query = (f"tags.`{tag.ENTRY_POINT}` = 'features_rf' and tags.`{tag.BACKBONE_RUN_ID}` = '{backbone_id}' "
              f"and attributes.status = 'FINISHED'")
-    candidates = [r for r in _all_runs(client, experiment_id, query)
-                  if r.data.tags.get("carsml.rf_model_uri") and _metric(r, "rf_val_acc") is not None]
+    candidates = [r for r in search_runs([experiment_id], query)
+                  if r.data.tags.get(tag.RF_MODEL_URI) and _metric(r, "rf_val_acc") is not None]
     if not candidates:
         raise CarsmlError(f"promote: the best {BACKBONE} transfer run {backbone_id} ({backbone.info.run_name}, "
                           f"best_val_acc {_metric(backbone, 'best_val_acc'):.4f}) has no finished features_rf run "
@@ -109,17 +97,17 @@ def best_rf_run(client: MlflowClient, experiment_id: str, backbone: Run) -> Run:
 
 def _tags(run: Run, val_key: str, test_key: str, fallback: Run | None = None) -> dict[str, str]:
     """Version tags: source run, validation / test accuracy, data digest and class count."""
-    def tag(key: str) -> str | None:
+    def lookup(key: str) -> str | None:
         return run.data.tags.get(key) or (fallback.data.tags.get(key) if fallback is not None else None)
 
-    out = {"source_run_id": run.info.run_id, "entry_point": run.data.tags.get("carsml.entry_point", ""),
+    out = {"source_run_id": run.info.run_id, "entry_point": run.data.tags.get(tag.ENTRY_POINT, ""),
            registry.SCORE_TAG: repr(_metric(run, val_key))}
     if _metric(run, test_key) is not None:
         out["test_acc"] = repr(_metric(run, test_key))
-    for key, name in (("carsml.data_digest", "data_digest"), ("carsml.num_classes", "num_classes"),
-                      ("carsml.model", "backbone")):
-        if tag(key):
-            out[name] = tag(key)
+    for key, name in ((tag.DATA_DIGEST, "data_digest"), (tag.NUM_CLASSES, "num_classes"),
+                      (tag.MODEL, "backbone")):
+        if lookup(key):
+            out[name] = lookup(key)
     return out
 
 
@@ -140,25 +128,24 @@ def run(cfg: dict[str, Any]) -> Promotion:
     """Register the best resnet50 transfer run and its RF head; move `champion` where they win (see module doc)."""
     setup_tracking()
     name, rf_name = _check_names(cfg)
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name(cfg["experiment_name"])
+    experiment = experiment_id(cfg["experiment_name"])
     if experiment is None:
         raise CarsmlError(f"promote: no MLflow experiment {cfg['experiment_name']!r} at tracking URI "
-                          f"{mlflow.get_tracking_uri()}; set experiment_name to the one holding the transfer runs")
-    backbone = best_backbone_run(client, experiment.experiment_id, experiment.name)
-    head = best_rf_run(client, experiment.experiment_id, backbone)
-    net_uri, rf_uri = backbone.data.tags["carsml.model_uri"], head.data.tags["carsml.rf_model_uri"]
+                          f"{tracking_uri()}; set experiment_name to the one holding the transfer runs")
+    backbone = best_backbone_run(experiment, cfg["experiment_name"])
+    head = best_rf_run(experiment, backbone)
+    net_uri, rf_uri = backbone.data.tags[tag.MODEL_URI], head.data.tags[tag.RF_MODEL_URI]
     registry.check_logged_model(net_uri)
     registry.check_logged_model(rf_uri)
-    tags = {"carsml.source_run_id": backbone.info.run_id, "carsml.rf_run_id": head.info.run_id}
+    tags = {tag.SOURCE_RUN_ID: backbone.info.run_id, tag.RF_RUN_ID: head.info.run_id}
     with start_run(cfg["entry_point"], cfg, run_name="promote", tags=tags):
         version, created = registry.register(name, net_uri, _tags(backbone, "best_val_acc", "test_acc"),
                                              DESCRIPTIONS["net"])
         rf_tags = {**_tags(head, "rf_val_acc", "rf_test_acc", fallback=backbone),
                    "backbone_run_id": backbone.info.run_id,
                    "backbone_model": name, "backbone_version": str(version.version), "head": "random_forest"}
-        if head.data.tags.get("carsml.rf_head_uri"):
-            rf_tags["rf_head_uri"] = head.data.tags["carsml.rf_head_uri"]
+        if head.data.tags.get(tag.RF_HEAD_URI):
+            rf_tags["rf_head_uri"] = head.data.tags[tag.RF_HEAD_URI]
         rf_version, rf_created = registry.register(rf_name, rf_uri, rf_tags, DESCRIPTIONS["rf"])
         champion = registry.promote(name, version, force=cfg["force"])
         rf_champion = registry.promote(rf_name, rf_version, force=cfg["force"])
@@ -170,12 +157,12 @@ def run(cfg: dict[str, Any]) -> Promotion:
 
 def _log(result: Promotion, backbone: Run, head: Run) -> None:
     """Record the outcome on the promote run and print it."""
-    mlflow.set_tags({"carsml.model_version": result.version, "carsml.rf_model_version": result.rf_version,
-                     "carsml.champion_moved": str(result.champion.moved).lower(),
-                     "carsml.rf_champion_moved": str(result.rf_champion.moved).lower(),
-                     "carsml.champion_reason": result.champion.reason,
-                     "carsml.rf_champion_reason": result.rf_champion.reason})
-    mlflow.log_metrics({"val_acc": _metric(backbone, "best_val_acc"), "rf_val_acc": _metric(head, "rf_val_acc")})
+    set_tags({tag.MODEL_VERSION: result.version, tag.RF_MODEL_VERSION: result.rf_version,
+                     tag.CHAMPION_MOVED: str(result.champion.moved).lower(),
+                     tag.RF_CHAMPION_MOVED: str(result.rf_champion.moved).lower(),
+                     tag.CHAMPION_REASON: result.champion.reason,
+                     tag.RF_CHAMPION_REASON: result.rf_champion.reason})
+    log_metrics({"val_acc": _metric(backbone, "best_val_acc"), "rf_val_acc": _metric(head, "rf_val_acc")})
     for model, version, created, decision in (
         (result.model_name, result.version, result.created, result.champion),
         (result.rf_model_name, result.rf_version, result.rf_created, result.rf_champion),

@@ -8,33 +8,45 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.tracking import MlflowClient
-from sklearn.metrics import confusion_matrix
 
-from carsml.config import load_config
+from carsml.config import load_config, options
 from carsml.data.cache import DecodedImages, build_cache
 from carsml.data.splits import membership_table, train_val_split
 from carsml.data.table import Dataset
 from carsml.data.transforms import build_transform
 from carsml.engine.callbacks import Callback, RichProgress
-from carsml.engine.device import seed_everything
 from carsml.engine.evaluate import EvalResult, evaluate
 from carsml.engine.loader import ArrayData
-from carsml.engine.train import FitResult, TrainConfig, fit
+from carsml.engine.train import fit
+from carsml.engine.types import FitResult, TrainConfig
 from carsml.errors import CarsmlError, ConfigError, DataError
-from carsml.experiments.common import cache_root, limit_classes, model_kwargs, resolve_dataset
-from carsml.models.factory import count_parameters, create_model, model_config, resolve_data_config
+from carsml.experiments.analysis import confusion_counts
+from carsml.experiments.common import build_model, cache_root, limit_classes, resolve_dataset
+from carsml.models.factory import count_parameters, model_config, resolve_data_config
 from carsml.progress import progress_bar
 from carsml.tracking import figures
+from carsml.tracking import tags as tag
+from carsml.tracking.artifacts import log_confusion_matrix
+from carsml.tracking.epochs import MlflowMetrics
 from carsml.tracking.models import log_model
-from carsml.tracking.runs import log_csv, log_dataset, log_figure, setup_tracking, start_run
+from carsml.tracking.runs import (
+    active_run_id,
+    in_run,
+    log_csv,
+    log_dataset,
+    log_figure,
+    log_metrics,
+    set_tags,
+    setup_tracking,
+    start_run,
+)
+from carsml.tracking.search import config_from_run, get_run
 
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "decay_norm_bias", "scheduler",
               "warmup_epochs", "plateau_factor", "plateau_patience", "label_smoothing", "ema_decay", "grad_clip",
@@ -43,8 +55,12 @@ TRAIN_KEYS = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "decay_
 
 
 def train_config(cfg: dict[str, Any]) -> TrainConfig:
-    """The engine config from an experiment config; validated (raises ConfigError before any run exists)."""
-    kwargs = {k: cfg[k] for k in TRAIN_KEYS if k in cfg}
+    """The engine config from an experiment config; validated (raises ConfigError before any run exists).
+
+    A training option the config lacks (the saved config of a model trained by an older carsml) takes its default
+    from `_train.yaml`, the one place training defaults are written."""
+    defaults = options("_train")
+    kwargs = {k: cfg[k] if k in cfg else defaults[k].default for k in TRAIN_KEYS if k in cfg or k in defaults}
     if kwargs.get("head_lr", 0) <= 0:
         kwargs.pop("head_lr", None)
     tc = TrainConfig(**kwargs)
@@ -53,6 +69,12 @@ def train_config(cfg: dict[str, Any]) -> TrainConfig:
         build_transform(cfg["augmentation"], mixup=cfg.get("mixup", 0.0), cutmix=cfg.get("cutmix", 0.0))
     train_side(cfg)
     return tc
+
+
+def engine_config(**overrides: Any) -> TrainConfig:
+    """The TrainConfig of the training entry points' defaults (`_train.yaml`) with `overrides` on top, for code that
+    drives the engine directly (benchmarks, tests); not validated (`fit` validates it)."""
+    return replace(train_config(load_config("baseline")), **overrides)
 
 
 def train_side(cfg: dict[str, Any]) -> int:
@@ -67,39 +89,6 @@ def train_side(cfg: dict[str, Any]) -> int:
         raise ConfigError(f"cache_scale={scale!r}: the training cache side ({shown} px) must be at least the "
                           f"training size image_size={size} px; expected a factor in [1, 8]")
     return max(size, round(size * scale))
-
-
-# The per-epoch test curves (reported, never selected on) get their own keys so that `test_acc` / `test_loss` hold one
-# value each: the evaluation of the selected (best-validation) model.
-EPOCH_KEYS = {"test_loss": "epoch_test_loss", "test_acc": "epoch_test_acc"}
-
-
-def epoch_key(key: str) -> str:
-    """The MLflow key of an engine history key."""
-    return EPOCH_KEYS.get(key, key)
-
-
-class MlflowMetrics(Callback):
-    """Hands per-epoch metrics to one MLflow run (step = epoch); on resume, back-fills any epoch the run lacks so
-    every step is logged exactly once."""
-
-    def __init__(self, run_id: str) -> None:
-        self.run_id = run_id
-        self.client = MlflowClient()
-
-    def on_resume(self, history: list[dict]) -> None:
-        for record in history:
-            epoch = int(record["epoch"])
-            for key, value in record.items():
-                if key == "epoch":
-                    continue
-                steps = {m.step for m in self.client.get_metric_history(self.run_id, epoch_key(key))}
-                if epoch not in steps:
-                    self.client.log_metric(self.run_id, epoch_key(key), float(value), step=epoch)
-
-    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
-        mlflow.log_metrics({epoch_key(k): float(v) for k, v in metrics.items() if k != "epoch"}, step=epoch,
-                           run_id=self.run_id)
 
 
 @dataclass
@@ -125,9 +114,9 @@ def decode(cfg: dict[str, Any], dataset: Dataset, split: str, side: int | None =
                               margin=cfg["crop_margin"], skip_unreadable=cfg["skip_unreadable"], progress=update)
     if side != cfg["image_size"]:
         return decoded  # the same rows as the image_size cache, whose skipped files are logged
-    if decoded.skipped and mlflow.active_run():
+    if decoded.skipped and in_run():
         log_csv(pd.DataFrame(decoded.skipped, columns=["path", "reason"]), f"data/skipped_{split}.csv")
-        mlflow.log_metric(f"{split}_images_skipped", len(decoded.skipped))
+        log_metrics({f"{split}_images_skipped": len(decoded.skipped)})
     return decoded
 
 
@@ -154,7 +143,7 @@ def fit_and_log(
     """Train with the shared engine inside the active run; log curves, finals, confusion matrix and the best model.
 
     `val=None` is a refit: nothing is selected, the last epoch is the model and no val_* metric is logged."""
-    run_id = mlflow.active_run().info.run_id
+    run_id = active_run_id()
     tc = train_config(cfg)
     data_cfg = resolve_data_config(model)
     size = int(cfg["image_size"])
@@ -162,7 +151,6 @@ def fit_and_log(
                                mixup=cfg.get("mixup", 0.0), cutmix=cfg.get("cutmix", 0.0))
     eval_tf = build_transform("none", size=size, mean=data_cfg["mean"], std=data_cfg["std"])
     n_params = count_parameters(model)
-    mlflow.log_metric("n_params", n_params)
     result = fit(model, train, val, tc, train_transform=train_tf, eval_transform=eval_tf, test=test,
                  callbacks=(MlflowMetrics(run_id), RichProgress(), *callbacks),
                  checkpoint_dir=checkpoint_dir, resume=resume)
@@ -180,7 +168,7 @@ def fit_and_log(
                        "test_macro_f1": test_result.macro_f1,
                        "test_correct": float((test_result.preds == test_result.labels).sum()),
                        "test_errors": float((test_result.preds != test_result.labels).sum())})
-    mlflow.log_metrics(finals)
+    log_metrics(finals)
     log_csv(history, "tables/history.csv")
     log_figure(figures.training_curves(history, title=f"{cfg['model']} — {cfg['entry_point']}"),
                "figures/curves.png")
@@ -189,7 +177,9 @@ def fit_and_log(
     model_uri = None
     if cfg.get("log_model", True):
         examples = np.asarray((test if test is not None else val if val is not None else train).images[:2])
-        info = info_for(model, class_names, cfg["image_size"], source_run_id=run_id, **(info_extra or {}))
+        # the box policy travels with the model: serving crops a request's box as training cropped the dataset's
+        info = info_for(model, class_names, cfg["image_size"], source_run_id=run_id, use_boxes=bool(cfg["use_boxes"]),
+                        crop_margin=float(cfg["crop_margin"]), **(info_extra or {}))
         model_uri = log_model(model.cpu(), info, examples)
     if checkpoint_dir is not None and not cfg.get("keep_checkpoints", False):
         # finished: the run holds the best model; checkpoints (GBs for large nets) only serve a resume
@@ -198,14 +188,9 @@ def fit_and_log(
 
 
 def log_confusion(result: EvalResult, class_names: list[str], split: str) -> np.ndarray:
-    """Row-normalised confusion matrix as a figure and CSV; per-image predictions as CSV."""
-    n = len(class_names)
-    counts = confusion_matrix(result.labels, result.preds, labels=np.arange(n))
-    norm = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    log_figure(figures.confusion_matrix(norm, class_names, title=f"Confusion matrix ({split}, row-normalised)"),
-               f"figures/confusion_matrix_{split}.png")
-    log_csv(pd.DataFrame(counts, index=class_names, columns=class_names).reset_index(names="true\\predicted"),
-            f"tables/confusion_matrix_{split}.csv")
+    """Confusion matrix (figure, row-normalised, and CSV of counts) and per-image predictions as CSV."""
+    counts = confusion_counts(result.labels, result.preds, len(class_names))
+    log_confusion_matrix(counts, class_names, split, f"Confusion matrix ({split}, row-normalised)")
     probs = result.probs
     log_csv(pd.DataFrame({"label": result.labels, "pred": result.preds,
                           "score": probs[np.arange(len(probs)), result.preds]}), f"tables/predictions_{split}.csv")
@@ -215,18 +200,14 @@ def log_confusion(result: EvalResult, class_names: list[str], split: str) -> np.
 def resume_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], Path]:
     """The original run's config and checkpoint folder for `resume_run_id` (checked before anything starts)."""
     run_id = cfg["resume_run_id"]
-    try:
-        run = MlflowClient().get_run(run_id)
-    except Exception as exc:  # noqa: BLE001 - MlflowException or a connection error, both mean "cannot resume"
-        raise CarsmlError(f"resume_run_id={run_id!r}: no such MLflow run ({exc})") from None
-    if run.data.tags.get("carsml.entry_point") != cfg["entry_point"]:
-        raise ConfigError(f"resume_run_id={run_id!r} is a {run.data.tags.get('carsml.entry_point')!r} run, "
+    run = get_run(run_id, "resume_run_id")
+    if run.data.tags.get(tag.ENTRY_POINT) != cfg["entry_point"]:
+        raise ConfigError(f"resume_run_id={run_id!r} is a {run.data.tags.get(tag.ENTRY_POINT)!r} run, "
                           f"not {cfg['entry_point']!r}")
-    folder = Path(run.data.tags.get("carsml.checkpoint_dir", ""))
+    folder = Path(run.data.tags.get(tag.CHECKPOINT_DIR, ""))
     if not (folder / "last.pt").is_file():
         raise CarsmlError(f"resume_run_id={run_id!r}: no checkpoint at {folder / 'last.pt'}")
-    original = {k: v for k, v in run.data.params.items()}
-    resumed = load_config(cfg["entry_point"], {**original, "resume_run_id": run_id})
+    resumed = config_from_run(run, {"resume_run_id": run_id})
     return resumed, folder
 
 
@@ -235,11 +216,8 @@ def refit_config(cfg: dict[str, Any]) -> dict[str, Any]:
     (train + val) for the number of epochs that run selected on validation (its `best_epoch`). Checked before any work:
     the test split plays no part in the choice, and a refit is logged as its own run tagged with the selection run."""
     run_id = cfg["refit_run_id"]
-    try:
-        run = MlflowClient().get_run(run_id)
-    except Exception as exc:  # noqa: BLE001 - MlflowException or a connection error, both mean "cannot refit"
-        raise CarsmlError(f"refit_run_id={run_id!r}: no such MLflow run ({exc})") from None
-    entry = run.data.tags.get("carsml.entry_point")
+    run = get_run(run_id, "refit_run_id")
+    entry = run.data.tags.get(tag.ENTRY_POINT)
     if entry != cfg["entry_point"]:
         raise ConfigError(f"refit_run_id={run_id!r} is a {entry!r} run, not {cfg['entry_point']!r}; refit with "
                           f"`carsml {str(entry).replace('_', '-')} --refit-run-id {run_id}`")
@@ -249,9 +227,8 @@ def refit_config(cfg: dict[str, Any]) -> dict[str, Any]:
     if run.info.status != "FINISHED" or "best_epoch" not in run.data.metrics:
         raise ConfigError(f"refit_run_id={run_id!r}: the selection run is {run.info.status} without a best epoch; a "
                           "refit needs a FINISHED selection run (resume it first with --resume-run-id)")
-    refit = load_config(cfg["entry_point"], {**run.data.params, "refit_run_id": run_id,
-                                             "resume_run_id": cfg["resume_run_id"],
-                                             "epochs": int(run.data.metrics["best_epoch"])})
+    refit = config_from_run(run, {"refit_run_id": run_id, "resume_run_id": cfg["resume_run_id"],
+                                  "epochs": int(run.data.metrics["best_epoch"])})
     if refit["scheduler"] == "plateau" or refit["early_stopping_patience"] > 0:
         raise ConfigError(f"refit_run_id={run_id!r}: a refit has no validation split to drive "
                           f"scheduler={refit['scheduler']!r} / early_stopping_patience="
@@ -316,10 +293,10 @@ def train_in_run(cfg: dict[str, Any], dataset: Dataset, model: Any, splits: Spli
                  checkpoint_dir: Path | None = None, resume: bool = False,
                  info_extra: dict[str, Any] | None = None) -> Trained:
     """Inside the active run: record the data and split, then train and log with `fit_and_log`."""
-    run_id = mlflow.active_run().info.run_id
+    run_id = active_run_id()
     if checkpoint_dir is None:
         checkpoint_dir = cache_root(cfg) / "checkpoints" / run_id
-        mlflow.set_tag("carsml.checkpoint_dir", str(checkpoint_dir))
+        set_tags({tag.CHECKPOINT_DIR: checkpoint_dir})
     if not resume:
         log_dataset(dataset, splits.train_rows.table, "train")
         if splits.test_rows is not None:
@@ -331,18 +308,12 @@ def train_in_run(cfg: dict[str, Any], dataset: Dataset, model: Any, splits: Spli
                        checkpoint_dir=checkpoint_dir, resume=resume, info_extra=info_extra)
 
 
-def build_model(cfg: dict[str, Any], num_classes: int, *, for_resume: bool = False) -> Any:
-    """The configured network, seeded so its initial weights repeat (a resume restores them from the checkpoint)."""
-    seed_everything(cfg["seed"])
-    return create_model(cfg["model"], num_classes, cfg["image_size"], **model_kwargs(cfg))
-
-
-def run(cfg: dict[str, Any], *, build: Callable[..., Any] = build_model,
+def run(cfg: dict[str, Any], *,
         extra_tags: Callable[[dict[str, Any]], dict[str, str]] = lambda cfg: {}) -> Trained:
     """Train one network on a stratified train/val split of the official train set; report the official test split.
 
-    `build(cfg, num_classes, for_resume=...)` makes the network and `extra_tags(cfg)` adds run tags (and model-bundle
-    extras): the transfer entry point is this same function with its own model builder.
+    `extra_tags(cfg)` adds run tags (and model-bundle extras): the transfer entry point is this same function with
+    its own tags (where the initial weights came from).
     """
     setup_tracking()
     checkpoint_dir = None
@@ -353,11 +324,11 @@ def run(cfg: dict[str, Any], *, build: Callable[..., Any] = build_model,
         cfg = refit_config(cfg)
     train_config(cfg)  # validate before any work
     dataset = limit_classes(resolve_dataset(cfg), cfg["max_classes"])
-    model = build(cfg, dataset.num_classes, for_resume=checkpoint_dir is not None)
+    model = build_model(cfg, dataset.num_classes, for_resume=checkpoint_dir is not None)
     tags = extra_tags(cfg)
-    run_tags = {"carsml.model": cfg["model"], **tags, **({"carsml.selection_run_id": refit_of} if refit_of else {})}
+    run_tags = {tag.MODEL: cfg["model"], **tags, **({tag.SELECTION_RUN_ID: refit_of} if refit_of else {})}
     run_name = f"{cfg['entry_point']}-{cfg['model']}" + ("-refit" if refit_of else "")
     with start_run(cfg["entry_point"], cfg, run_name=run_name, resume_run_id=cfg["resume_run_id"], tags=run_tags):
         return train_in_run(cfg, dataset, model, load_splits(cfg, dataset), checkpoint_dir=checkpoint_dir,
                             resume=checkpoint_dir is not None,
-                            info_extra={k.removeprefix("carsml."): v for k, v in tags.items()} or None)
+                            info_extra={k.removeprefix(tag.PREFIX): v for k, v in tags.items()} or None)

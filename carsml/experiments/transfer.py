@@ -15,20 +15,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import pandas as pd
-from mlflow.tracking import MlflowClient
-from torch import nn
 
 from carsml.config import load_config, options
-from carsml.engine.device import seed_everything
-from carsml.errors import CarsmlError, ConfigError
+from carsml.errors import ConfigError
 from carsml.experiments import train
-from carsml.experiments.common import limit_classes, model_kwargs, resolve_dataset
+from carsml.experiments.common import build_model, limit_classes, resolve_dataset
 from carsml.experiments.train import Trained, load_splits, train_config, train_in_run
-from carsml.models.factory import create_model
 from carsml.progress import planned_fits
-from carsml.tracking.runs import setup_tracking, start_run
+from carsml.tracking import tags as tag
+from carsml.tracking.runs import setup_tracking, start_run, use_experiment_of
+from carsml.tracking.search import child_runs, config_from_run, get_run
 
 STUDY_MODELS = ("resnet50", "vgg16", "densenet121", "efficientnet_b0")
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
@@ -43,30 +40,13 @@ def init_source(cfg: dict[str, Any]) -> str:
     return "pretrained" if cfg.get("pretrained") else "random"
 
 
-def build_model(cfg: dict[str, Any], num_classes: int, *, for_resume: bool = False) -> nn.Module:
-    """The configured network with a `num_classes`-way head; seeded so the new head's initialisation repeats.
-
-    A local `weights` file takes precedence over `pretrained` (whose default is true), so the offline remedy is one
-    option; `carsml.init` records what was used. A resumed run restores every tensor from its checkpoint, so it
-    neither needs nor asks for the weights.
-    """
-    kwargs = model_kwargs(cfg)
-    if cfg.get("weights"):
-        kwargs.pop("pretrained", None)
-    if for_resume:
-        kwargs.pop("pretrained", None)
-        kwargs.pop("weights", None)
-    seed_everything(cfg["seed"])
-    return create_model(cfg["model"], num_classes, cfg["image_size"], **kwargs)
-
-
 def _run_tags(cfg: dict[str, Any]) -> dict[str, str]:
-    return {"carsml.model": cfg["model"], "carsml.init": init_source(cfg)}
+    return {tag.MODEL: cfg["model"], tag.INIT: init_source(cfg)}
 
 
 def run(cfg: dict[str, Any]) -> Trained:
     """Fine-tune `model` (pretrained, from `weights`, or random) on a stratified train/val split; report test."""
-    return train.run(cfg, build=build_model, extra_tags=lambda cfg: {"carsml.init": init_source(cfg)})
+    return train.run(cfg, extra_tags=lambda cfg: {tag.INIT: init_source(cfg)})
 
 
 # --------------------------------------------------------------------------------------------- transfer_all
@@ -110,19 +90,15 @@ def _parent_resume(cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]
     Makes the parent's experiment the active one: nested runs are created in the active experiment, which in a
     fresh process (or under `mlflow run --experiment-name`) would otherwise not be the parent's."""
     run_id = cfg["resume_run_id"]
-    client = MlflowClient()
-    try:
-        parent = client.get_run(run_id)
-    except Exception as exc:  # noqa: BLE001 - MlflowException or a connection error, both mean "cannot resume"
-        raise CarsmlError(f"resume_run_id={run_id!r}: no such MLflow run ({exc})") from None
-    if parent.data.tags.get("carsml.entry_point") != "transfer_all":
+    parent = get_run(run_id, "resume_run_id")
+    if parent.data.tags.get(tag.ENTRY_POINT) != "transfer_all":
         raise ConfigError(f"resume_run_id={run_id!r} is a {parent.data.tags.get('carsml.entry_point')!r} run, "
                           f"not 'transfer_all'")
-    original = load_config("transfer_all", {**parent.data.params, "resume_run_id": run_id})
-    mlflow.set_experiment(experiment_id=parent.info.experiment_id)
-    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
-    finished = {r.data.tags["carsml.model"]: r.info.run_id for r in children
-                if r.info.status == "FINISHED" and "carsml.model" in r.data.tags}
+    original = config_from_run(parent, {"resume_run_id": run_id})
+    use_experiment_of(parent)
+    children = child_runs(parent)
+    finished = {r.data.tags[tag.MODEL]: r.info.run_id for r in children
+                if r.info.status == "FINISHED" and tag.MODEL in r.data.tags}
     return original, finished
 
 
@@ -145,7 +121,7 @@ def run_all(cfg: dict[str, Any]) -> pd.DataFrame:
     # Build every remaining model now: unknown names and unavailable weights fail before the parent run exists.
     models = {name: build_model(child, dataset.num_classes) for name, child in children.items() if name not in finished}
     with start_run(cfg["entry_point"], cfg, run_name="transfer_all", resume_run_id=cfg["resume_run_id"],
-                   tags={"carsml.models": ",".join(names)}) as parent:
+                   tags={tag.MODELS: ",".join(names)}) as parent:
         parent_id = parent.info.run_id
         splits = load_splits(cfg, dataset)
         with planned_fits(len(children) - len(finished), "model"):
@@ -153,7 +129,7 @@ def run_all(cfg: dict[str, Any]) -> pd.DataFrame:
                 if name in finished:
                     continue
                 with start_run("transfer", child, run_name=f"transfer-{name}", nested=True,
-                               tags={**_run_tags(child), "carsml.parent_run_id": parent_id}):
+                               tags={**_run_tags(child), tag.PARENT_RUN_ID: parent_id}):
                     train_in_run(child, dataset, models.pop(name), splits)
         table = compare.build_table(parent_run_id=parent_id)
         compare.log_table(table, parent_id)

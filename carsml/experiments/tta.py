@@ -7,8 +7,9 @@ Aggregations: `mean` (average of the softmax, default) and `vote` (majority of t
 to the higher mean probability). Both are always logged (`test_acc_tta_mean`, `test_acc_tta_vote`) next to
 `test_acc_no_tta`; `aggregation` picks the headline `test_acc_tta` / `tta_delta` and the per-image table.
 
-The views of several images go through the network in one batch (`batch_size` views per forward pass); each image
-draws its own random view parameters from one seeded generator, so a run is reproducible.
+Each view of every image goes through the engine's one inference path (`engine.evaluate.predict`, `batch_size`
+images per forward pass); each image draws its own random view parameters from one seeded generator, so a run is
+reproducible.
 
 The study's TTA lowered accuracy (45 % -> 20 %): 25 strongly augmented views with majority voting. The light views
 are mild, and mild only where the data allows: each image is already cropped to its bounding box, so the box fixes the
@@ -22,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
@@ -30,27 +30,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from carsml.data.transforms import build_transform, view_transform
-from carsml.engine.device import autocast_dtype, resolve_device
-from carsml.engine.evaluate import autocast_context, eval_mode, evaluate
-from carsml.engine.loader import ArrayData, iterate_batches
-from carsml.experiments.errors import (
-    calibration,
-    check_choice,
-    check_inference,
-    check_positive,
-    decode_splits,
-    load_source,
-    plan_data,
-    require_split,
-)
+from carsml.engine.device import resolve_device
+from carsml.engine.evaluate import View, evaluate, predict
+from carsml.engine.loader import ArrayData
+from carsml.experiments.analysis import calibration
+from carsml.experiments.common import check_choice, check_positive
+from carsml.experiments.source import decode_analysed, prepare_analysis
 from carsml.tracking import figures
-from carsml.tracking.runs import log_csv, log_dataset, log_figure, setup_tracking, start_run
+from carsml.tracking.runs import log_csv, log_figure, log_metrics, setup_tracking, start_run
 
 POLICIES = ("light", "study")
 AGGREGATIONS = ("mean", "vote")
 LIGHT_MIN_WIDTH = 0.95  # light policy: crops keep at least 95 % of the width (and all of the height)
 
-ViewMaker = Callable[[Tensor, int, torch.Generator], Tensor]
+ViewFactory = Callable[[int, torch.Generator], View]  # view k of a policy: what `predict` applies to each batch
 
 
 class LightViews:
@@ -65,12 +58,17 @@ class LightViews:
     def __init__(self, mean: Any, std: Any) -> None:
         self.plain = build_transform("none", mean=mean, std=std)
 
-    def views(self, x: Tensor, n_views: int, generator: torch.Generator | None = None) -> Tensor:
-        base = self.plain(x, train=False)
-        out = [base, base.flip(-1)][:n_views]
+    def view(self, k: int, generator: torch.Generator | None = None) -> View:
+        """View `k`: the uint8 batch -> its normalised view (0 plain, 1 mirrored, >= 2 a random crop)."""
+        if k == 0:
+            return lambda x: self.plain(x, train=False)
+        if k == 1:
+            return lambda x: self.plain(x, train=False).flip(-1)
         # odd views are mirrored: half the views each way, so the mean stays balanced between the two
-        out += [self._crop(base, mirror=k % 2 == 1, generator=generator) for k in range(2, n_views)]
-        return torch.stack(out)
+        return lambda x: self._crop(self.plain(x, train=False), mirror=k % 2 == 1, generator=generator)
+
+    def views(self, x: Tensor, n_views: int, generator: torch.Generator | None = None) -> Tensor:
+        return torch.stack([self.view(k, generator)(x) for k in range(n_views)])
 
     @staticmethod
     def _crop(x: Tensor, mirror: bool, generator: torch.Generator | None) -> Tensor:
@@ -87,11 +85,12 @@ class LightViews:
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def view_maker(policy: str, mean: Any, std: Any) -> ViewMaker:
-    """`(uint8 batch, n_views, generator) -> (n_views, N, C, H, W)` normalised views for a policy."""
+def view_factory(policy: str, mean: Any, std: Any) -> ViewFactory:
+    """`(k, generator) -> view k` of a policy, each view a function of a uint8 batch."""
     if policy == "light":
-        return LightViews(mean, std).views
-    return view_transform("study", mean=mean, std=std).views
+        return LightViews(mean, std).view
+    study = view_transform("study", mean=mean, std=std)
+    return lambda k, generator: (lambda x: study(x, train=True, generator=generator))
 
 
 @dataclass
@@ -112,33 +111,16 @@ class TTAOutput:
         return (self.votes + 0.999 * self.mean_probs).argmax(axis=1)
 
 
-def tta_predict(model: nn.Module, data: ArrayData, make_views: ViewMaker, n_views: int, *, batch_size: int,
+def tta_predict(model: nn.Module, data: ArrayData, views: ViewFactory, n_views: int, *, batch_size: int,
                 device: str, amp: str, generator: torch.Generator, channels_last: bool = True) -> TTAOutput:
-    """Run `n_views` views of every image through `model`, about `batch_size` views per forward pass."""
-    dev = resolve_device(device)
-    model.to(dev)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    amp_dtype = autocast_dtype(dev, amp)
-    images_per_step = max(1, batch_size // n_views)
-    mean_probs, votes, view_preds = [], [], []
-    with eval_mode(model), torch.inference_mode():
-        for x, _ in iterate_batches(data, images_per_step, shuffle=False, generator=None, device=dev):
-            views = make_views(x, n_views, generator)
-            v, b = views.shape[:2]
-            flat = views.reshape(v * b, *views.shape[2:])
-            logits = []
-            for chunk in flat.split(max(batch_size, 1)):
-                if channels_last:
-                    chunk = chunk.contiguous(memory_format=torch.channels_last)
-                with autocast_context(dev, amp_dtype):
-                    logits.append(model(chunk).float())
-            probs = torch.softmax(torch.cat(logits), dim=1).reshape(v, b, -1)
-            top = probs.argmax(dim=2)
-            mean_probs.append(probs.mean(dim=0).cpu())
-            votes.append(F.one_hot(top, probs.shape[2]).sum(dim=0).cpu())
-            view_preds.append(top.cpu())
-    return TTAOutput(torch.cat(mean_probs).numpy(), torch.cat(votes).numpy(), torch.cat(view_preds, dim=1).numpy())
+    """Run `n_views` views of every image through `model` (the engine's `predict`, `batch_size` images per pass)."""
+    probs = torch.from_numpy(np.stack([
+        predict(model, data, None, batch_size=batch_size, device=resolve_device(device), amp=amp,
+                channels_last=channels_last, view=views(k, generator)).probs
+        for k in range(n_views)]))  # (V, N, C)
+    top = probs.argmax(dim=2)
+    votes = F.one_hot(top, probs.shape[2]).sum(dim=0)
+    return TTAOutput(probs.mean(dim=0).numpy(), votes.numpy(), top.numpy())
 
 
 @dataclass
@@ -158,25 +140,20 @@ def run(cfg: dict[str, Any]) -> TTAResult:
     policy = check_choice(cfg, "policy", POLICIES)
     aggregation = check_choice(cfg, "aggregation", AGGREGATIONS)
     check_positive(cfg, "views")
-    check_inference(cfg)
-    source = load_source(cfg["run_id"])
-    plan = plan_data(source, cfg)
-    require_split(plan, split)
+    source, plan = prepare_analysis(cfg, split)
     names = plan.class_names
     with start_run(cfg["entry_point"], cfg, run_name=f"tta-{policy}-{aggregation}-{source.run.info.run_name}",
                    tags=source.tags()) as active:
-        splits = decode_splits(plan)
-        data = splits.test if split == "test" else splits.val
-        log_dataset(plan.dataset, splits.tables[split], split)
+        splits, data = decode_analysed(plan, split)
         model, info = source.model, source.info
         plain = evaluate(model, data, build_transform("none", mean=info["mean"], std=info["std"]),
                          batch_size=int(cfg["batch_size"]), device=cfg["device"], amp=cfg["amp"])
         generator = torch.Generator().manual_seed(int(cfg["seed"]))
-        output = tta_predict(model, data, view_maker(policy, info["mean"], info["std"]), int(cfg["views"]),
+        output = tta_predict(model, data, view_factory(policy, info["mean"], info["std"]), int(cfg["views"]),
                              batch_size=int(cfg["batch_size"]), device=cfg["device"], amp=cfg["amp"],
                              generator=generator)
         metrics = tta_metrics(plain.preds, plain.probs, output, plain.labels, split, aggregation)
-        mlflow.log_metrics(metrics)
+        log_metrics(metrics)
         per_class = per_class_changes(plain.preds, output, plain.labels, names)
         log_csv(per_class, f"tables/tta_per_class_{split}.csv", as_table=True)
         chosen = output.mean_preds if aggregation == "mean" else output.vote_preds

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import optuna
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -32,11 +31,22 @@ from carsml.data.table import Dataset
 from carsml.engine.callbacks import Callback
 from carsml.engine.loader import ArrayData
 from carsml.errors import CarsmlError, ConfigError
-from carsml.experiments.common import limit_classes, model_kwargs, resolve_dataset
+from carsml.experiments.common import build_model, limit_classes, resolve_dataset
 from carsml.experiments.train import augment_images, decode, fit_and_log, train_config
-from carsml.models.factory import create_model
 from carsml.progress import planned_fits
-from carsml.tracking.runs import log_csv, log_dataset, log_figure, log_text, setup_tracking, start_run
+from carsml.tracking import tags as tag
+from carsml.tracking.runs import (
+    end_run,
+    log_csv,
+    log_dataset,
+    log_figure,
+    log_metrics,
+    log_text,
+    set_tag,
+    set_tags,
+    setup_tracking,
+    start_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -255,24 +265,24 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
     cfg = {**ctx.cfg, **params}
     pruning = OptunaPruning(trial)
     pruned: optuna.TrialPruned | None = None
-    tags = {"carsml.trial_number": str(trial.number), "carsml.study_name": trial.study.study_name,
-            "carsml.parent_run_id": ctx.result.parent_run_id, "carsml.model": cfg["model"],
-            "carsml.trial_state": "running"}
+    tags = {tag.TRIAL_NUMBER: str(trial.number), tag.STUDY_NAME: trial.study.study_name,
+            tag.PARENT_RUN_ID: ctx.result.parent_run_id, tag.MODEL: cfg["model"],
+            tag.TRIAL_STATE: "running"}
     try:
         with start_run(cfg["entry_point"], cfg, run_name=f"trial-{trial.number}", nested=True, tags=tags) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             try:
-                model = create_model(cfg["model"], len(ctx.class_names), cfg["image_size"], **model_kwargs(cfg))
+                model = build_model(cfg, len(ctx.class_names))  # every trial starts from the same seed's weights
                 trained = fit_and_log(cfg, model, ctx.class_names, ctx.train, ctx.val, None, callbacks=(pruning,))
             except optuna.TrialPruned as exc:
-                mlflow.set_tags({"carsml.trial_state": "pruned", "carsml.pruned_at_epoch": str(pruning.epochs_run)})
-                mlflow.end_run("KILLED")  # ends the trial run only; start_run would mark it FAILED
+                set_tags({tag.TRIAL_STATE: "pruned", tag.PRUNED_AT_EPOCH: pruning.epochs_run})
+                end_run("KILLED")  # ends the trial run only; start_run would mark it FAILED
                 pruned = exc
             except Exception:
-                mlflow.set_tag("carsml.trial_state", "failed")  # start_run adds carsml.error and ends it FAILED
+                set_tag(tag.TRIAL_STATE, "failed")  # start_run adds carsml.error and ends it FAILED
                 raise
             else:
-                mlflow.set_tag("carsml.trial_state", "complete")
+                set_tag(tag.TRIAL_STATE, "complete")
     except Exception:
         ctx.result.states[trial.number] = "failed"
         raise  # study.optimize(catch=...) records the trial as FAIL and carries on with the next one
@@ -298,12 +308,12 @@ def _figures(study: optuna.Study, seed: int) -> None:
         log_figure(ovm.plot_optimization_history(study).figure, "figures/optimization_history.png")
         log_figure(ovm.plot_intermediate_values(study).figure, "figures/intermediate_values.png")
         if len(complete) < 2 or len({t.value for t in complete}) < 2:  # fANOVA needs values that differ
-            mlflow.set_tag("carsml.param_importance", f"skipped: needs >= 2 completed trials with different "
+            set_tag(tag.PARAM_IMPORTANCE, f"skipped: needs >= 2 completed trials with different "
                                                       f"values, has {len(complete)}")
             return
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
         importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
-        mlflow.log_metrics({f"importance_{k}": float(v) for k, v in importances.items()})
+        log_metrics({f"importance_{k}": float(v) for k, v in importances.items()})
         log_figure(ovm.plot_param_importances(study, evaluator=evaluator).figure, "figures/param_importances.png")
 
 
@@ -314,7 +324,7 @@ def _summarise(study: optuna.Study, cfg: dict[str, Any], result: TuneResult) -> 
     budget = len(finished) * cfg["epochs"]
     ran = sum(result.epochs_run[n] for n in finished)
     saved_by_pruning = sum(cfg["epochs"] - result.epochs_run[n] for n, s in result.states.items() if s == "pruned")
-    mlflow.log_metrics({
+    log_metrics({
         "n_trials_complete": mine.count("complete"), "n_trials_pruned": mine.count("pruned"),
         "n_trials_failed": mine.count("failed"), "trial_epochs_run": ran, "trial_epochs_budget": budget,
         "trial_epochs_saved_by_pruning": saved_by_pruning,
@@ -323,16 +333,16 @@ def _summarise(study: optuna.Study, cfg: dict[str, Any], result: TuneResult) -> 
     log_csv(study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration")),
             "tables/trials.csv")
     states = optuna.trial.TrialState
-    mlflow.log_metrics({f"study_trials_{s.name.lower()}": sum(t.state == s for t in trials)
+    log_metrics({f"study_trials_{s.name.lower()}": sum(t.state == s for t in trials)
                         for s in (states.COMPLETE, states.PRUNED, states.FAIL)})
     if not any(t.state == states.COMPLETE for t in trials):
         raise CarsmlError(f"study {study.study_name!r}: no trial completed ({mine.count('pruned')} pruned, "
                           f"{mine.count('failed')} failed in this worker); see the nested runs' carsml.error tags")
     best = study.best_trial
     result.best_value, result.best_params, result.best_trial = best.value, dict(best.params), best.number
-    mlflow.log_metrics({"best_value": best.value, "best_trial_number": best.number,
+    log_metrics({"best_value": best.value, "best_trial_number": best.number,
                         **{f"best_{k}": float(v) for k, v in best.params.items()}})
-    mlflow.set_tag("carsml.best_trial_run_id", best.user_attrs.get("mlflow_run_id", ""))
+    set_tag(tag.BEST_TRIAL_RUN_ID, best.user_attrs.get("mlflow_run_id", ""))
     log_text(json.dumps({"value": best.value, "trial": best.number, "params": best.params,
                          "mlflow_run_id": best.user_attrs.get("mlflow_run_id")}, indent=2), "best_params.json")
     _figures(study, cfg["seed"])
@@ -347,12 +357,11 @@ def run(cfg: dict[str, Any]) -> TuneResult:
     space = check_options(cfg)
     url = storage_url(str(cfg["storage"]))
     dataset = limit_classes(resolve_dataset(cfg), cfg["max_classes"])
-    create_model(cfg["model"], dataset.num_classes, cfg["image_size"],  # model options fail here, not in a trial
-                 **model_kwargs({**cfg, "dropout": space.dropout[1]}))
+    build_model(cfg, dataset.num_classes, dropout=space.dropout[1])  # model options fail here, not in a trial
     study, seed = open_study(cfg, url, study_settings(cfg, dataset))
     logged_cfg = {**cfg, "storage": shown(url)}  # never log a database password
-    tags = {"carsml.model": cfg["model"], "optuna.storage": shown(url), "optuna.study_name": study.study_name,
-            "carsml.sampler_seed": str(seed)}
+    tags = {tag.MODEL: cfg["model"], "optuna.storage": shown(url), "optuna.study_name": study.study_name,
+            tag.SAMPLER_SEED: str(seed)}
     with start_run(cfg["entry_point"], logged_cfg, run_name=f"tune-{cfg['model']}", tags=tags) as parent:
         result = TuneResult(study.study_name, shown(url), parent.info.run_id, seed)
         rows = decode(cfg, dataset, "train")  # the test split is never decoded: nothing here may look at it

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
@@ -112,6 +112,15 @@ def hidden_layer(in_features: int, out_features: int, dropout: float) -> nn.Sequ
         "act": nn.ReLU(inplace=True),
         "drop": nn.Dropout(dropout),
     }))
+
+
+class CNNOptions(TypedDict, total=False):
+    """The keyword options both our CNNs take (defaults: BaselineCNN's signature)."""
+
+    in_chans: int
+    head_widths: Sequence[int]
+    dropout: float | Sequence[float] | None
+    head: str
 
 
 class BaselineCNN(nn.Module):

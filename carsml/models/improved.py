@@ -14,13 +14,15 @@ Options (off by default, so the defaults are the study's network):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from carsml.models.baseline import DEFAULT_HEAD_WIDTHS, TRUNK_CHANNELS, BaselineCNN
+from carsml.models.baseline import TRUNK_CHANNELS, BaselineCNN, CNNOptions
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11 on
 
 RESIDUAL_STAGES = (1, 2)  # the 32- and 64-channel maps, as in the study
 LATE_RESIDUAL_STAGES = (3, 4)  # the 128- and 256-channel maps
@@ -67,7 +69,8 @@ class ImprovedCNN(BaselineCNN):
     Args:
         se: squeeze-and-excitation attention in every residual block.
         late_residual: residual blocks on the 128- and 256-channel maps too.
-        Everything else as BaselineCNN (num_classes, image_size, in_chans, head_widths, dropout, head).
+        Everything else as BaselineCNN (num_classes, image_size and the `CNNOptions` in_chans, head_widths,
+        dropout, head, with BaselineCNN's defaults).
     """
 
     model_name = "improved_cnn"
@@ -77,17 +80,13 @@ class ImprovedCNN(BaselineCNN):
         num_classes: int = 196,
         image_size: int = 224,
         *,
-        in_chans: int = 3,
-        head_widths: Sequence[int] = DEFAULT_HEAD_WIDTHS,
-        dropout: float | Sequence[float] | None = None,
-        head: str = "flatten",
         se: bool = False,
         late_residual: bool = False,
+        **options: Unpack[CNNOptions],
     ) -> None:
         stages = RESIDUAL_STAGES + (LATE_RESIDUAL_STAGES if late_residual else ())
         blocks = {i: ResidualBlock(TRUNK_CHANNELS[i], se=bool(se)) for i in stages}
-        super().__init__(num_classes, image_size, in_chans=in_chans, head_widths=head_widths, dropout=dropout,
-                         head=head, _stage_blocks=blocks)
+        super().__init__(num_classes, image_size, **options, _stage_blocks=blocks)
         self.se = bool(se)
         self.late_residual = bool(late_residual)
 

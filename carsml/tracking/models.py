@@ -1,9 +1,10 @@
 """Logging and loading carsml models.
 
 A trained network is saved as a *bundle* — `weights.pt` (state dict) and `model.json` (the factory config that rebuilds
-the architecture, class names, input size and normalisation, extras such as an added class) — and logged as an
-MLflow pyfunc LoggedModel (models-from-code, `pyfunc_model.py`) that carries the bundle. Later experiments load models
-by run id or `models:/` URI, never by a loose file path; `mlflow models serve` serves the same thing.
+the architecture, class names, input size and normalisation, the box policy its images were cropped with, extras such
+as an added class) — and logged as an MLflow pyfunc LoggedModel (models-from-code, `pyfunc_model.py`) that carries the
+bundle. Later experiments load models by run id or `models:/` URI, never by a loose file path; `mlflow models serve`
+serves the same thing.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow
 import numpy as np
@@ -23,6 +25,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
+from mlflow.types.schema import AnyType
 from PIL import Image
 
 from carsml.errors import CarsmlError
@@ -31,11 +34,33 @@ PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 BUNDLE = "bundle"
 
 
+class BoxPolicy(NamedTuple):
+    """How a model's images were cropped (the data settings `use_boxes` / `crop_margin`): to the annotated box grown
+    by `margin` of its size per side, or whole."""
+
+    use_boxes: bool = True
+    margin: float = 0.0
+
+
+def box_policy(info: dict[str, Any]) -> BoxPolicy:
+    """The box policy recorded in a bundle's info (`use_boxes`, `crop_margin`); a bundle that records none gets the
+    training defaults (boxes, no margin). ValueError for values no training run can have."""
+    default = BoxPolicy()
+    use_boxes, margin = info.get("use_boxes", default.use_boxes), info.get("crop_margin", default.margin)
+    if not isinstance(use_boxes, bool):
+        raise ValueError(f"bundle info: use_boxes={use_boxes!r}; expected true or false")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not (math.isfinite(margin) and margin >= 0):
+        raise ValueError(f"bundle info: crop_margin={margin!r}; expected a fraction >= 0 of the box size")
+    return BoxPolicy(use_boxes, float(margin))
+
+
 def save_bundle(model: torch.nn.Module, info: dict[str, Any], directory: Path) -> Path:
-    """Write weights.pt + model.json into `directory` (created); `info` needs model_config and class_names."""
+    """Write weights.pt + model.json into `directory` (created); `info` needs model_config, class_names, image_size,
+    mean and std, and may hold the box policy (`use_boxes`, `crop_margin`: see `box_policy`)."""
     missing = {"model_config", "class_names", "image_size", "mean", "std"} - set(info)
     if missing:
         raise ValueError(f"bundle info lacks {sorted(missing)}")
+    box_policy(info)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = directory / "weights.pt.tmp"
@@ -65,8 +90,11 @@ def encode_image(image: np.ndarray | Image.Image, fmt: str = "JPEG") -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+# `box` is typed Any rather than Array(long) / Array(double): MLflow's enforcement refuses an Array(double) of integers
+# (the annotation convention) and an Array(long) of floats, without naming the row; the model checks the box itself
+# (pyfunc_model.parse_box) and names the row in every refusal.
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", "image")]),
+    inputs=Schema([ColSpec("string", "image"), ColSpec(AnyType(), "box", required=False)]),
     outputs=Schema([ColSpec("string", "label"), ColSpec("long", "class_id"), ColSpec("double", "score"),
                     ColSpec("string", "top5_labels"), ColSpec("string", "top5_scores")]),
 )
@@ -76,11 +104,14 @@ def log_model(model: torch.nn.Module, info: dict[str, Any], example_images: np.n
               extra_artifacts: dict[str, str] | None = None, python_model: Path = PYFUNC_FILE) -> str:
     """Log `model` to the active run as a pyfunc LoggedModel; return its `models:/m-...` URI.
 
-    `example_images` (uint8 N x H x W x 3, N >= 2) become the base64 input example.
+    `example_images` (uint8 N x H x W x 3, N >= 2) become the base64 input example: the first with a `box` around the
+    whole image, the second without one.
     """
     import carsml
 
-    examples = pd.DataFrame({"image": [encode_image(img) for img in example_images[:2]]})
+    height, width = example_images.shape[1:3]
+    examples = pd.DataFrame({"image": [encode_image(img) for img in example_images[:2]],
+                             "box": [[0, 0, int(width), int(height)], None]})
     with tempfile.TemporaryDirectory() as tmp:
         bundle = save_bundle(model, info, Path(tmp) / BUNDLE)
         logged = mlflow.pyfunc.log_model(

@@ -1,17 +1,24 @@
-"""MLflow pyfunc adapter (models-from-code): base64 images in, labels and top-5 out.
+"""MLflow pyfunc adapter (models-from-code): base64 images (and optional boxes) in, labels and top-5 out.
 
 Input: a DataFrame with a string column `image` holding base64-encoded JPEG or PNG bytes (clients send
-`dataframe_split`). Output per row: `label`, `class_id` (0-based), `score`, and `top5_labels` / `top5_scores` (JSON
-lists). Bad requests raise MlflowException(INVALID_PARAMETER_VALUE), which `mlflow models serve` answers with HTTP 400;
-one bad row refuses the whole request with a message naming every bad row (never a partial answer).
+`dataframe_split`) and an optional column `box`: per row null, or [x1, y1, x2, y2] in whole pixels of the image as
+displayed, 0-based with x2 and y2 exclusive (the dataset table's convention, docs/data.md). The box is applied with the
+model's box policy (`carsml.tracking.models.box_policy`: crop to it grown by `crop_margin` when the model was trained on
+box crops, else checked and ignored), exactly as the training cache applies its dataset row's box. Output per row:
+`label`, `class_id` (0-based), `score`, and `top5_labels` / `top5_scores` (JSON lists). Bad requests raise
+MlflowException(INVALID_PARAMETER_VALUE), which `mlflow models serve` answers with HTTP 400; one bad row refuses the
+whole request with a message naming every bad row (never a partial answer).
 
 Limits (docs/serving.md), checked from the cheapest end so an abusive request is refused before anything expensive:
 the row count (MAX_ROWS) and the request's total bytes (MAX_REQUEST_BYTES, from the base64 lengths) first; then the
 header of every row — size in bytes (MAX_IMAGE_BYTES), format (JPEG or PNG, from the file's signature), pixels per image
-(MAX_PIXELS) — and the total pixels to decode (MAX_REQUEST_PIXELS); only when all of that passes is any image decoded.
-Decoding is the training decoder's (`carsml.data.images.plan_crop` / `finish_crop`: EXIF orientation, alpha on white,
-JPEGs at a reduced DCT scale when they are at least twice the model's input size), spread over a small thread pool
-(PIL releases the GIL while it decodes).
+(MAX_PIXELS), box — and the total pixels to decode (MAX_REQUEST_PIXELS); only when all of that passes is any image
+decoded. Decoding is the training decoder's, the same functions (`carsml.data.images.plan_crop` / `finish_crop`: mode
+conversion, EXIF orientation, alpha on white, crop to the box, JPEGs at a reduced DCT scale when the crop is at least
+twice the model's input size, antialiased bilinear resize), spread over a small thread pool (PIL releases the GIL while
+it decodes). A PNG whose EXIF follows its pixel data has its box checked when it is decoded (PIL finds that EXIF only
+by reading the whole file), still before anything is predicted. The network runs through the engine's `predict` in
+float32 (SERVE_AMP), the inference path of evaluation.
 
 Threads: the scoring server calls `predict` from a pool of worker threads, and every thread that runs torch gets its
 own OpenMP team; teams on the same cores slow each other down, and an OpenMP team waits for its slowest thread at every
@@ -26,7 +33,10 @@ import base64
 import binascii
 import io
 import json
+import math
+import numbers
 import os
+import re
 import struct
 import threading
 import weakref
@@ -42,8 +52,11 @@ import torch
 from mlflow.exceptions import MlflowException
 from PIL import Image, UnidentifiedImageError
 
-from carsml.data.images import CropPlan, finish_crop, plan_crop
+from carsml.data.images import CropPlan, box_region, finish_crop, orientation_needs_decode, plan_crop
+from carsml.engine.evaluate import Prediction
+from carsml.engine.evaluate import predict as engine_predict
 from carsml.errors import DataError
+from carsml.tracking.models import BoxPolicy, box_policy
 
 MIB = 1024 * 1024
 MAX_ROWS = 64  # images per request: bounds the forward pass (time and activation memory) of one request
@@ -56,6 +69,9 @@ MAX_ROWS_DESCRIBED = 10  # bad rows whose problem a refusal spells out (all bad 
 FORMATS = "JPEG and PNG"  # what is accepted, as messages and docs name it
 SERVE_THREADS_ENV = "CARSML_SERVE_THREADS"
 MAX_DECODE_THREADS = 8  # the decoding pool: one thread per usable core, at most this many
+SERVE_AMP = "off"  # the served forward pass runs in float32 (`autocast_dtype`), whatever the training run used
+SERVE_CHANNELS_LAST = False  # NCHW, as the serving benchmark measured (docs/serving.md, Threads)
+BOX_FORMAT = "[x1, y1, x2, y2] in whole pixels, 0-based, x2 and y2 exclusive"
 
 # File signatures: the accepted formats, and a few others so a refusal can say what was sent.
 _ACCEPTED_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"))
@@ -65,6 +81,7 @@ _OTHER_SIGNATURES = ((b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"
 _FTYP_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF"}
 # What PIL raises on damaged headers or pixel data besides OSError.
 _PIL_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
+_BOX_PROBLEM = re.compile(r"row \d+: `?box")  # how a refusal tells a row's box problems from its image problems
 
 
 def usable_cores() -> int:
@@ -126,17 +143,54 @@ def _other_format(data: bytes) -> str | None:
     return None
 
 
+def parse_box(value: object, row: int) -> tuple[int, int, int, int] | None:
+    """A row's `box` cell: None (null / NaN / absent: the whole image) or four whole numbers x1 < x2, y1 < y2.
+    Errors name the row; whether the box meets the image is checked against its header (`open_image`)."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise _bad(f"row {row}: `box` must be null or {BOX_FORMAT}; got {type(value).__name__} {value!r:.60}")
+    if len(value) != 4:
+        raise _bad(f"row {row}: `box` must have 4 numbers, {BOX_FORMAT}; got {len(value)}")
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v == int(v)
+               for v in value):
+        raise _bad(f"row {row}: `box` must be 4 whole numbers, {BOX_FORMAT}; got {list(value)!r:.80}")
+    x1, y1, x2, y2 = (int(v) for v in value)
+    if x2 <= x1 or y2 <= y1:
+        raise _bad(f"row {row}: `box` {[x1, y1, x2, y2]} is empty: expected x1 < x2 and y1 < y2 ({BOX_FORMAT})")
+    return x1, y1, x2, y2
+
+
+def _plan(img: Image.Image, box: tuple[int, int, int, int] | None, policy: BoxPolicy, size: int,
+          row: int) -> CropPlan:
+    """`plan_crop` with the model's box policy, as the training cache plans its rows: the box grown by the margin
+    when the model was trained on boxes; else the whole image (the box is still checked against the image)."""
+    try:
+        if box is not None and not policy.use_boxes:
+            box_region(img, box, 0.0, f"row {row}")
+            box = None
+        return plan_crop(img, box, size, policy.margin, f"row {row}")
+    except DataError as exc:  # the box lies outside the image (the training decoder's message, naming the row)
+        raise _bad(str(exc)) from None
+
+
 class OpenedImage(NamedTuple):
     """A row whose header passed every check: the lazily opened image and how it will be decoded."""
 
     image: Image.Image
-    plan: CropPlan
+    plan: CropPlan | None  # None: planned when decoded (a PNG whose EXIF orientation needs its pixels)
     pixels: int  # pixels the decoder will produce (a drafted JPEG at its reduced scale)
+    box: tuple[int, int, int, int] | None = None
+    policy: BoxPolicy = BoxPolicy()
 
 
-def open_image(text: object, row: int, size: int) -> OpenedImage:
+def open_image(text: object, row: int, size: int, box: tuple[int, int, int, int] | None = None,
+               policy: BoxPolicy = BoxPolicy()) -> OpenedImage:
     """Check one row from its header only (nothing is decoded): a non-empty base64 string of at most MAX_IMAGE_BYTES,
-    a JPEG or PNG by its signature, at most MAX_PIXELS; plan its decode to size x size. Errors name the row."""
+    a JPEG or PNG by its signature, at most MAX_PIXELS, a `box` (from `parse_box`) that meets the image; plan its
+    decode to size x size with the model's box `policy`. Errors name the row."""
     if not isinstance(text, str) or not text:
         raise _bad(f"row {row}: `image` must be a non-empty base64 string")
     if len(text) * 3 // 4 > MAX_IMAGE_BYTES:
@@ -160,8 +214,9 @@ def open_image(text: object, row: int, size: int) -> OpenedImage:
     try:
         if img.width * img.height > MAX_PIXELS:
             raise _bad(f"row {row}: image is {img.width}x{img.height}, more than {MAX_PIXELS:,} pixels")
-        plan = plan_crop(img, None, size)
-        return OpenedImage(img, plan, img.width * img.height)
+        later = box is not None and orientation_needs_decode(img)  # a PNG decodes in full anyway: same pixel count
+        plan = None if later else _plan(img, box, policy, size, row)
+        return OpenedImage(img, plan, img.width * img.height, box, policy)
     except MlflowException:
         img.close()
         raise
@@ -173,7 +228,8 @@ def open_image(text: object, row: int, size: int) -> OpenedImage:
 def finish_image(opened: OpenedImage, row: int, size: int) -> np.ndarray:
     """Decode a row checked by `open_image` into uint8 size x size x 3 (the training decoder); closes the image."""
     try:
-        return finish_crop(opened.image, opened.plan, size, f"row {row}")
+        plan = opened.plan if opened.plan is not None else _plan(opened.image, opened.box, opened.policy, size, row)
+        return finish_crop(opened.image, plan, size, f"row {row}")
     except (DataError, *_PIL_ERRORS):
         raise _bad(f"row {row}: `image` bytes are not a readable JPEG/PNG image (corrupt or truncated pixel data)"
                    ) from None
@@ -181,9 +237,9 @@ def finish_image(opened: OpenedImage, row: int, size: int) -> np.ndarray:
         opened.image.close()
 
 
-def decode_image(text: object, row: int, size: int) -> np.ndarray:
-    """Base64 text → RGB uint8 array resized to size x size; clear errors naming the row."""
-    return finish_image(open_image(text, row, size), row, size)
+def decode_image(text: object, row: int, size: int, box: object = None, policy: BoxPolicy = BoxPolicy()) -> np.ndarray:
+    """Base64 text (and a `box` cell) → RGB uint8 array of size x size, as training decodes; errors name the row."""
+    return finish_image(open_image(text, row, size, parse_box(box, row), policy), row, size)
 
 
 def _refusal(problems: dict[int, str], rows: int) -> MlflowException:
@@ -192,7 +248,9 @@ def _refusal(problems: dict[int, str], rows: int) -> MlflowException:
     details = "; ".join(problems[row] for row in bad[:MAX_ROWS_DESCRIBED])
     if len(bad) > MAX_ROWS_DESCRIBED:
         details += f"; ... ({len(bad) - MAX_ROWS_DESCRIBED} more)"
-    return _bad(f"{len(bad)} of {rows} row(s) have a bad `image` (row {listed}); the request was refused as a whole, "
+    boxes = sum(bool(_BOX_PROBLEM.match(message)) for message in problems.values())
+    what = "`image`" if not boxes else "`box`" if boxes == len(bad) else "`image` or `box`"
+    return _bad(f"{len(bad)} of {rows} row(s) have a bad {what} (row {listed}); the request was refused as a whole, "
                 f"nothing was predicted: {details}")
 
 
@@ -208,9 +266,11 @@ def check_request(values: list[object]) -> None:
                    f"nothing was predicted: send fewer or smaller images")
 
 
-def decode_images(values: pd.Series | Iterable[object], size: int,
-                  pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+def decode_images(values: pd.Series | Iterable[object], size: int, pool: ThreadPoolExecutor | None = None,
+                  boxes: Iterable[object] | None = None, policy: BoxPolicy = BoxPolicy()) -> np.ndarray:
     """Check every row, then decode them all into one N x size x size x 3 uint8 batch (on `pool` when given).
+
+    `boxes`: one `box` cell per row (see `parse_box`), applied with the model's box `policy`; None: no boxes.
 
     Nothing is decoded until every row's header has passed and the request is within MAX_ROWS, MAX_REQUEST_BYTES and
     MAX_REQUEST_PIXELS; any failure refuses the whole request with one MlflowException(INVALID_PARAMETER_VALUE) that
@@ -218,12 +278,13 @@ def decode_images(values: pd.Series | Iterable[object], size: int,
     """
     values = list(values)
     check_request(values)
+    cells = [None] * len(values) if boxes is None else list(boxes)
     opened: dict[int, OpenedImage] = {}
     problems: dict[int, str] = {}
     try:
-        for row, value in enumerate(values):
+        for row, (value, cell) in enumerate(zip(values, cells, strict=True)):
             try:
-                opened[row] = open_image(value, row, size)
+                opened[row] = open_image(value, row, size, parse_box(cell, row), policy)
             except MlflowException as exc:
                 problems[row] = exc.message
         if problems:
@@ -262,6 +323,7 @@ def decode_images(values: pd.Series | Iterable[object], size: int,
 class CarsImageClassifier(mlflow.pyfunc.PythonModel):
     """Serves a carsml network (bundle artifact) — predictions for a batch of base64 images."""
 
+    policy: BoxPolicy = BoxPolicy()  # the model's box policy (its bundle info)
     threads: int = 1  # torch intra-op threads per forward (CARSML_SERVE_THREADS)
     slots: int = 1  # inference threads: forwards (or parts of one batch) that run at once; threads x slots <= cores
     decode_threads: int = 1  # images decoded at once within a request
@@ -277,6 +339,7 @@ class CarsImageClassifier(mlflow.pyfunc.PythonModel):
         self.model, self.info = self.run_torch(load_bundle, context.artifacts["bundle"])
         self.class_names = self.info["class_names"]
         self.size = int(self.info["image_size"])
+        self.policy = box_policy(self.info)
         self.transform = build_transform("none", mean=self.info["mean"], std=self.info["std"])
 
     def start_threads(self) -> None:
@@ -324,23 +387,26 @@ class CarsImageClassifier(mlflow.pyfunc.PythonModel):
         futures = [self._infer.submit(fn, part) for part in np.array_split(images, parts)]
         return np.concatenate([future.result() for future in futures])
 
-    def _probs(self, images: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        with torch.inference_mode():
-            logits = self.model(self.transform(x, train=False))
-        return torch.softmax(logits.float(), dim=1).numpy()
+    def infer(self, images: np.ndarray, features: bool = False) -> Prediction:
+        """The engine's `predict` (float32, NCHW, this thread) for uint8 N x H x W x 3 images: the inference path of
+        evaluation, so decoded training images give exactly their evaluation probabilities."""
+        x = torch.from_numpy(images).permute(0, 3, 1, 2)
+        return engine_predict(self.model, x, self.transform, batch_size=MAX_ROWS, amp=SERVE_AMP,
+                              channels_last=SERVE_CHANNELS_LAST, features=features)
 
     def features_and_probs(self, images: np.ndarray) -> np.ndarray:
-        """Softmax probabilities for uint8 N x H x W x 3 images."""
-        return self.run_batched(self._probs, images)
+        """Softmax probabilities for uint8 N x H x W x 3 images (split across the inference threads)."""
+        return self.run_batched(lambda part: self.infer(part).probs, images)
 
     def decode_frame(self, model_input: pd.DataFrame) -> np.ndarray:
-        """Validate the request frame and decode its images into one batch."""
+        """Validate the request frame and decode its images (cropped to their boxes per the box policy) into one
+        batch."""
         if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
             raise _bad("input must be a DataFrame with a string column `image`")
         if len(model_input) == 0:
             raise _bad("input frame is empty: send at least one row")
-        return decode_images(model_input["image"], self.size, self._decode)
+        boxes = model_input["box"].tolist() if "box" in model_input.columns else None
+        return decode_images(model_input["image"], self.size, self._decode, boxes, self.policy)
 
     def format(self, probs: np.ndarray) -> pd.DataFrame:
         """Rows of label / class_id / score / top-5 from probabilities."""

@@ -1,17 +1,17 @@
 """MLflow pyfunc adapter (models-from-code) for a carsml backbone with a RandomForest head (study row 11).
 
-Same input and output as `pyfunc_model.py` — a DataFrame with a string column `image` of base64 JPEG/PNG bytes in;
-`label`, `class_id`, `score` (the forest's vote share), `top5_labels`, `top5_scores` out — so clients and
-`mlflow models serve` treat both models alike, with the same limits, formats and threads (the backbone runs on the
-inference threads of `CarsImageClassifier`). Artifacts: "bundle" (the backbone, a carsml bundle) and "rf" (the
-RandomForest as a skops file, loaded with an explicit allow-list of types).
+Same input and output as `pyfunc_model.py` — a DataFrame with a string column `image` of base64 JPEG/PNG bytes and an
+optional `box` column in; `label`, `class_id`, `score` (the forest's vote share), `top5_labels`, `top5_scores` out — so
+clients and `mlflow models serve` treat both models alike, with the same decoder, box policy, limits, formats and
+threads (the backbone runs through the engine's `predict` on the inference threads of `CarsImageClassifier`).
+Artifacts: "bundle" (the backbone, a carsml bundle) and "rf" (the RandomForest as a skops file, loaded with an explicit
+allow-list of types).
 """
 
 from __future__ import annotations
 
 import mlflow
 import numpy as np
-import torch
 
 from carsml.tracking.pyfunc_model import CarsImageClassifier
 
@@ -30,16 +30,9 @@ class CarsRandomForestClassifier(CarsImageClassifier):
         # the forest only has columns for classes it saw in training; map them onto all the model's classes
         self.rf_classes = np.asarray(self.rf.classes_, dtype=np.int64)
 
-    def _features(self, images: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        with torch.inference_mode():
-            out = self.model.forward_head(self.model.forward_features(self.transform(x, train=False)),
-                                          pre_logits=True)
-        return out.float().numpy()
-
     def features(self, images: np.ndarray) -> np.ndarray:
-        """Penultimate-layer features (float32, N x D) for uint8 N x H x W x 3 images (on an inference thread)."""
-        return self.run_batched(self._features, images)
+        """Penultimate-layer features (float32, N x D) for uint8 N x H x W x 3 images (on the inference threads)."""
+        return self.run_batched(lambda part: self.infer(part, features=True).features, images)
 
     def features_and_probs(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities (the forest's vote shares) over all the model's classes."""

@@ -18,7 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from mlflow.tracking import MlflowClient
 import carsml
 from carsml.data.table import Dataset
 from carsml.errors import ConfigError
+from carsml.tracking import tags as tag
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 REPO_DIR = Path(__file__).resolve().parents[2]
@@ -227,10 +228,10 @@ def start_run(
         active = mlflow.start_run(run_name=run_name or entry_point)
     with active:
         info = git_info()
-        base_tags = {"carsml.entry_point": entry_point, "carsml.version": carsml.__version__}
+        base_tags = {tag.ENTRY_POINT: entry_point, tag.VERSION: carsml.__version__}
         if info:
-            base_tags["carsml.git_commit"] = info["commit"]
-            base_tags["carsml.git_dirty"] = info["dirty"]
+            base_tags[tag.GIT_COMMIT] = info["commit"]
+            base_tags[tag.GIT_DIRTY] = info["dirty"]
             if "mlflow.source.git.commit" not in active.data.tags:
                 base_tags["mlflow.source.git.commit"] = info["commit"]
         if not launched_run and not resume_run_id and run_name:
@@ -240,11 +241,11 @@ def start_run(
         try:
             yield active
         except KeyboardInterrupt:
-            mlflow.set_tag("carsml.error", "interrupted")
+            mlflow.set_tag(tag.ERROR, "interrupted")
             mlflow.end_run("KILLED")
             raise
         except BaseException as exc:
-            mlflow.set_tag("carsml.error", f"{type(exc).__name__}: {exc}"[:5000])
+            mlflow.set_tag(tag.ERROR, f"{type(exc).__name__}: {exc}"[:5000])
             mlflow.end_run("FAILED")
             raise
 
@@ -258,20 +259,30 @@ def log_dataset(dataset: Dataset, rows: pd.DataFrame, context: str) -> None:
                                      name=f"stanford-cars-{context}",
                                      digest=_rows_digest(table))
         mlflow.log_input(ds, context=context)
-    mlflow.set_tags({"carsml.data_layout": dataset.layout, "carsml.data_digest": dataset.digest(),
-                     "carsml.data_root": str(dataset.root), "carsml.num_classes": str(dataset.num_classes)})
+    mlflow.set_tags({tag.DATA_LAYOUT: dataset.layout, tag.DATA_DIGEST: dataset.digest(),
+                     tag.DATA_ROOT: str(dataset.root), tag.NUM_CLASSES: str(dataset.num_classes)})
 
 
 def _rows_digest(table: pd.DataFrame) -> str:
     return hashlib.sha256(pd.util.hash_pandas_object(table, index=False).values.tobytes()).hexdigest()[:16]
 
 
-def log_figure(fig: Any, artifact_file: str) -> None:
-    """Log a matplotlib figure and close it."""
+def log_figure(fig: Any, artifact_file: str, run_id: str | None = None) -> None:
+    """Log a matplotlib figure to the active run (or to run `run_id`, active or finished) and close it."""
     import matplotlib.pyplot as plt
 
-    mlflow.log_figure(fig, artifact_file)
+    if run_id is None:
+        mlflow.log_figure(fig, artifact_file)
+    else:
+        MlflowClient().log_figure(run_id, fig, artifact_file)
     plt.close(fig)
+
+
+def log_files(paths: Iterable[Path], artifact_dir: str, run_id: str) -> None:
+    """Log files under `artifact_dir` of run `run_id` (active or finished)."""
+    client = MlflowClient()
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_dir)
 
 
 def log_csv(df: pd.DataFrame, artifact_file: str, *, as_table: bool = False) -> None:
@@ -287,3 +298,46 @@ def log_csv(df: pd.DataFrame, artifact_file: str, *, as_table: bool = False) -> 
 def log_text(text: str, artifact_file: str) -> None:
     """Log a text artifact."""
     mlflow.log_text(text, artifact_file)
+
+
+def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
+    """Log `metrics` (values as floats) to the active run, at `step` when given."""
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def set_tags(run_tags: dict[str, Any]) -> None:
+    """Set tags (values as strings) on the active run; name carsml's own through `carsml.tracking.tags`."""
+    mlflow.set_tags({k: str(v) for k, v in run_tags.items()})
+
+
+def set_tag(key: str, value: Any) -> None:
+    """Set one tag (value as a string) on the active run."""
+    mlflow.set_tag(key, str(value))
+
+
+def active_run_id() -> str:
+    """The id of the active run (RuntimeError outside one: a bug, never a user's mistake)."""
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("no active MLflow run")
+    return run.info.run_id
+
+
+def in_run() -> bool:
+    """Whether a run is active (code that also runs outside an entry point logs only inside one)."""
+    return mlflow.active_run() is not None
+
+
+def log_artifacts(folder: str | Path, artifact_path: str) -> None:
+    """Every file of `folder` under `artifact_path` of the active run."""
+    mlflow.log_artifacts(str(folder), artifact_path)
+
+
+def end_run(status: str) -> None:
+    """End the active run with `status` (FINISHED, FAILED, KILLED) — only that run, not a parent."""
+    mlflow.end_run(status)
+
+
+def use_experiment_of(run: Any) -> None:
+    """Make `run`'s experiment the active one (runs created next, nested ones too, land beside it)."""
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)

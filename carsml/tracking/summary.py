@@ -8,6 +8,8 @@ import urllib.parse
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from carsml.tracking import tags as tag
+
 # The key result per entry point: (label, metric) pairs shown when logged, `±` joining a mean with its std.
 KEY_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
     "data_analysis": (("train images", "train_images"), ("test images", "test_images"), ("classes", "n_classes")),
@@ -67,16 +69,16 @@ def run_summary(run_id: str) -> list[str]:
     """The lines that end an entry point's terminal output."""
     client = MlflowClient()
     run = client.get_run(run_id)
-    tags, info = run.data.tags, run.info
-    entry = tags.get("carsml.entry_point", "")
-    parent = tags.get("mlflow.parentRunId")
+    run_tags, info = run.data.tags, run.info
+    entry = run_tags.get(tag.ENTRY_POINT, "")
+    parent = run_tags.get("mlflow.parentRunId")
     artifacts = info.artifact_uri
     if urllib.parse.urlparse(artifacts).scheme in ("", "file"):
         artifacts = urllib.parse.urlparse(artifacts).path or artifacts
         artifacts += "   (local folder: other machines see it only through a server with --serve-artifacts)"
     lines = [f"run       {run_id}  {info.run_name}  {info.status}" + (f"  (parent {parent})" if parent else ""),
              f"result    {key_result(entry, run.data.metrics)}"]
-    model = tags.get("carsml.model_uri") or tags.get("carsml.rf_model_uri")
+    model = run_tags.get(tag.MODEL_URI) or run_tags.get(tag.RF_MODEL_URI)
     if model:
         lines.append(f"model     {model}")
     lines += [f"artifacts {artifacts}",
@@ -84,3 +86,9 @@ def run_summary(run_id: str) -> list[str]:
     if entry in NEXT or entry.startswith("kfold"):
         lines.append(f"next      {NEXT['kfold' if entry.startswith('kfold') else entry].format(run=run_id)}")
     return lines
+
+
+def last_run_summary() -> list[str]:
+    """`run_summary` of the run this process ran last ([] when it ran none)."""
+    run = mlflow.last_active_run()
+    return run_summary(run.info.run_id) if run is not None else []

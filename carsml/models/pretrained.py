@@ -1,0 +1,171 @@
+"""Pretrained timm weights, offline-first: found in the Hugging Face (or torch hub) cache, downloaded only when
+the host answers, and otherwise a CarsmlError naming both remedies, never a silent random initialisation.
+
+    create_pretrained(name, create, **kwargs) -> a timm model built with its pretrained weights
+
+Pretrained weights come through timm's Hugging Face hub path. Offline they must already be in the Hugging Face
+(or torch hub) cache, or be given as a file with create_model's `weights=` (see docs/transfer.md).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import timm
+import torch
+from torch import nn
+
+from carsml.errors import CarsmlError, ConfigError
+
+PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+PROBE_TIMEOUT_S = 3.0
+_TRUE = {"1", "on", "yes", "true"}
+
+
+@dataclass
+class _Source:
+    """Where timm would fetch a model's pretrained weights, and whether they are on this machine already."""
+
+    kind: str  # "hf-hub", "url" or "" (no pretrained weights)
+    where: str  # the hub repo id or the url
+    cached: str | None = None  # the local file holding them, if any
+    cache_dir: str = ""
+
+
+def create_pretrained(name: str, create: Callable[..., nn.Module], /, **kwargs: Any) -> nn.Module:
+    """`create(name, pretrained=True, **kwargs)` with timm's weights for `name`: from the cache when there, else
+    downloaded. CarsmlError naming both remedies (copy a cache, or weights=<file>) when neither can work.
+
+    `create` is the factory's timm constructor (it turns rejected options into a ConfigError, passed on as is).
+    """
+    pcfg = timm.models.get_pretrained_cfg(name)
+    source = _pretrained_source(pcfg.to_dict() if pcfg else {})
+    if not source.kind:
+        raise CarsmlError(f"timm has no pretrained weights for {name!r}; pass weights=<file> with a "
+                          f"checkpoint of it, or pretrained=false for a random initialisation")
+    overlay: dict[str, Any] = {}
+    if source.cached and source.kind == "hf-hub":
+        # The cached file goes through timm's own pretrained loading (filters, head replacement) but skips
+        # the hub's freshness check, which retries for about a minute when there is no network.
+        overlay = {"file": source.cached}
+    elif not source.cached:
+        reason = _unreachable_reason(source)
+        if reason:
+            raise CarsmlError(_pretrained_help(name, source, reason))
+    try:
+        return create(name, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
+    except ConfigError:
+        raise
+    except (OSError, RuntimeError, ValueError) as exc:  # hub, download and corrupt-file errors
+        raise CarsmlError(_pretrained_help(name, source, f"loading them failed: {exc}")) from exc
+
+
+def _pretrained_source(pcfg: Mapping[str, Any]) -> _Source:
+    """Mirror timm's choice of weight source (the hub first, then a url); look for it in the caches."""
+    if pcfg.get("hf_hub_id"):
+        repo, _, revision = str(pcfg["hf_hub_id"]).partition("@")
+        source = _Source("hf-hub", repo, cache_dir=_hf_cache_dir())
+        if pcfg.get("custom_load"):
+            return source  # a model-specific loader: leave it to timm's regular path
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in _hf_filenames(pcfg.get("hf_hub_filename")):
+            found = try_to_load_from_cache(repo, filename, cache_dir=source.cache_dir,
+                                           revision=revision or None)
+            if isinstance(found, str):
+                source.cached = found
+                break
+        return source
+    if pcfg.get("url"):
+        cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
+        local = cache_dir / Path(urlparse(pcfg["url"]).path).name
+        return _Source("url", str(pcfg["url"]), cached=str(local) if local.is_file() else None,
+                       cache_dir=str(cache_dir))
+    return _Source("", "")
+
+
+def _hf_filenames(filename: str | None) -> list[str]:
+    """The files timm tries on the hub for a model: the safetensors alternative first, then the named file."""
+    filename = filename or "pytorch_model.bin"
+    if filename.endswith(".safetensors"):
+        return [filename]
+    alternatives = {"pytorch_model.bin": "model.safetensors",
+                    "open_clip_pytorch_model.bin": "open_clip_model.safetensors"}
+    safe = alternatives.get(filename)
+    if safe is None and filename.endswith(".bin"):
+        safe = filename[:-4] + ".safetensors"
+    return [f for f in (safe, filename) if f]
+
+
+def _hf_cache_dir() -> str:
+    """The Hugging Face hub cache, from the environment now (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]) / "hub")
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _hf_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+def _unreachable_reason(source: _Source) -> str:
+    """Why a download cannot work now ("" if it may): offline mode, or the host does not answer quickly."""
+    if source.kind == "hf-hub":
+        if _hf_offline():
+            return f"HF_HUB_OFFLINE is set and they are not in the Hugging Face cache ({source.cache_dir})"
+        from huggingface_hub import constants
+
+        url = urlparse(os.environ.get("HF_ENDPOINT") or str(constants.ENDPOINT))
+    else:
+        url = urlparse(source.where)
+    if any(os.environ.get(v) for v in PROXY_VARS):
+        return ""  # a direct connection says nothing about the proxy: let the download itself report
+    host, port = url.hostname or "", url.port or (80 if url.scheme == "http" else 443)
+    if not _can_connect(host, port, PROBE_TIMEOUT_S):
+        return f"{host} is unreachable (no network?) and they are not in the cache ({source.cache_dir})"
+    return ""
+
+
+def _can_connect(host: str, port: int, timeout: float) -> bool:
+    """Whether a TCP connection to host:port opens within `timeout` s (DNS included, hence the thread)."""
+    ok: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                ok.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(ok)
+
+
+def _pretrained_help(name: str, source: _Source, reason: str) -> str:
+    if source.kind == "hf-hub":
+        where = f"{source.where} on the Hugging Face hub"
+        copy = ("its Hugging Face cache (~/.cache/huggingface, or $HF_HOME) to ~/.cache/huggingface here "
+                "(or anywhere, with HF_HOME pointing at it) and set HF_HUB_OFFLINE=1")
+    else:
+        where = source.where
+        copy = ("its torch hub cache (~/.cache/torch/hub/checkpoints, or $TORCH_HOME/hub/checkpoints) to "
+                "the same place here")
+    return (f"pretrained weights for {name!r} ({where}) are not available: {reason}. Either\n"
+            f"  1. download them on a machine with network access:\n"
+            f"       python -c \"import timm; timm.create_model('{name}', pretrained=True)\"\n"
+            f"     then copy {copy}; or\n"
+            f"  2. pass weights=<file> with a timm or torchvision state dict of {name!r} "
+            f"(see docs/transfer.md).")

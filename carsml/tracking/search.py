@@ -1,0 +1,101 @@
+"""Reading MLflow back: a run by id, a run's config typed again, the run that trained a model, and run searches
+(the queries name carsml's tags through `tags`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from carsml.config import load_config, options
+from carsml.errors import CarsmlError
+from carsml.tracking import tags as tag
+from carsml.tracking.runs import shown_uri
+
+
+def get_run(run_id: str, option: str) -> Run:
+    """The run `run_id` named by option `option`; a CarsmlError naming both when this tracking store lacks it."""
+    try:
+        return MlflowClient().get_run(run_id)
+    except Exception as exc:  # noqa: BLE001 - MlflowException or a connection error: either way there is no such run
+        raise CarsmlError(f"{option}={run_id!r}: no such MLflow run in {shown_uri(mlflow.get_tracking_uri())} "
+                          f"({exc})") from None
+
+
+def config_from_run(run: Run, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The resolved config of a carsml run: its entry point's options typed again from the run's params (params are
+    strings), defaults for options the run does not record (an older carsml), `overrides` on top."""
+    entry = run.data.tags.get(tag.ENTRY_POINT, "")
+    if not entry:
+        raise CarsmlError(f"Run {run.info.run_id} was not made by carsml (no {tag.ENTRY_POINT} tag); its config "
+                          f"cannot be read back")
+    known = options(entry)
+    params = {k: v for k, v in run.data.params.items() if k in known}
+    return load_config(entry, {**params, **(overrides or {})})
+
+
+def model_training_run(ref: str, model_uri: str, info: dict[str, Any]) -> Run:
+    """The run that trained the model `model_uri` (resolved from `ref`: a run id, runs:/ or models:/ URI)."""
+    if ref.startswith("runs:/"):
+        run_id = ref[len("runs:/"):].split("/", 1)[0]
+    elif ref.startswith("models:/"):
+        run_id = info.get("source_run_id") or _logged_model_run(model_uri)
+    else:
+        run_id = ref
+    if not run_id:
+        raise CarsmlError(f"Model {model_uri!r} does not record the run that trained it; pass that run's id as run_id")
+    try:
+        return MlflowClient().get_run(run_id)
+    except MlflowException as exc:
+        raise CarsmlError(f"The run {run_id!r} that trained {model_uri!r} is not in this tracking store "
+                          f"({mlflow.get_tracking_uri()}): {exc}") from None
+
+
+def _logged_model_run(model_uri: str) -> str:
+    model_id = model_uri[len("models:/"):].split("/", 1)[0]
+    try:
+        return mlflow.get_logged_model(model_id).source_run_id or ""
+    except MlflowException:
+        return ""
+
+
+def tracking_uri() -> str:
+    """The tracking URI in use, as messages show it (credentials hidden)."""
+    return shown_uri(mlflow.get_tracking_uri())
+
+
+def experiment_id(name: str) -> str | None:
+    """The id of the experiment `name`, or None when this tracking store has no such experiment."""
+    experiment = mlflow.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment is not None else None
+
+
+def experiment_names() -> list[str]:
+    """Every experiment's name, sorted (for messages listing what exists)."""
+    return sorted(e.name for e in mlflow.search_experiments())
+
+
+def search_runs(experiment_ids: list[str], filter_string: str = "", order_by: list[str] | None = None,
+                max_results: int = 50_000) -> list[Run]:
+    """Runs matching `filter_string`, all pages."""
+    client, runs, token = MlflowClient(), [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, order_by=order_by,
+                                  max_results=min(max_results - len(runs), 1000), page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token or len(runs) >= max_results:
+            return runs
+
+
+def child_runs(parent: Run) -> list[Run]:
+    """The runs nested under `parent`."""
+    return search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    """Every logged (step, value) of metric `key` of a run, in step order."""
+    return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))
