@@ -19,6 +19,7 @@ from carsml.cli import run_experiment
 from carsml.data.classnames import parse_class_name, relation
 from carsml.errors import CarsmlError, ConfigError, DataError
 from carsml.experiments.analysis import calibration, cluster_order, confused_pairs, most_confused_block
+from carsml.tracking import tags as tag
 from tests.conftest import REPO, TINY, TRAINED_RUN
 
 FIGURES = {"confusion_clustered_test.png", "confusion_zoom_test.png", "confused_pairs_test.png",
@@ -199,7 +200,6 @@ def analysis_run(trained_run: str) -> str:
 
 @pytest.mark.parametrize("entry", ANALYSES)
 @pytest.mark.parametrize("ref, error, fragment", [
-    ("", ConfigError, "run_id: required"),
     ("0123456789abcdef0123456789abcdef", CarsmlError, "Unknown MLflow run id"),
     ("models:/m-0123456789abcdef0123456789abcdef", CarsmlError, "Could not load model"),
     ("/tmp/weights.pt", ConfigError, "looks like a file path"),
@@ -210,6 +210,20 @@ def test_unknown_models_are_refused_before_a_run(entry: str, ref: str, error: ty
     with pytest.raises(error, match=fragment):
         run_experiment(entry, {"run_id": ref, "device": "cpu"})
     assert _all_run_ids() == before
+
+
+@pytest.mark.parametrize("entry", ANALYSES)
+def test_without_run_id_an_experiment_without_trained_runs_is_refused(entry: str, trained_run: str) -> None:
+    before = _all_run_ids()
+    with pytest.raises(CarsmlError, match="run_id: not given, and experiment 'no-training-here' .* holds no "
+                                          "finished training run"):
+        run_experiment(entry, {"device": "cpu", "experiment_name": "no-training-here"})
+    assert _all_run_ids() == before
+
+
+def test_without_run_id_the_best_trained_run_is_analysed(trained_run: str) -> None:
+    report = run_experiment("errors", {"device": "cpu", "gallery": 2})
+    assert MlflowClient().get_run(report.run_id).data.tags[tag.SOURCE_RUN_ID] == trained_run
 
 
 @pytest.mark.parametrize("entry", ANALYSES)

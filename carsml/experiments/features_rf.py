@@ -15,7 +15,6 @@ sklearn flavour, skops format: features in, class out) and `rf_model` (images in
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ from carsml.tracking import tags as tag
 from carsml.tracking.forest import log_rf_head, log_rf_model
 from carsml.tracking.models import load_model, resolve_model_uri
 from carsml.tracking.runs import log_artifacts, log_csv, log_dataset, log_metrics, log_text, setup_tracking, start_run
-from carsml.tracking.search import config_from_run, experiment_id, get_run, search_runs, tracking_uri
+from carsml.tracking.search import config_from_run, get_run, search_runs, searched_experiment, tracking_uri
 
 HEADS = ("rf", "logreg", "knn")
 # the source run's options that rebuild its data and its train/val split
@@ -107,18 +106,10 @@ def check_options(cfg: dict[str, Any]) -> None:
     resolve_device(cfg["device"])
 
 
-def _search_experiment(experiment_name: str) -> tuple[str | None, str]:
-    """(id, description) of the experiment searched for the source run: under `mlflow run` the launched run's own
-    (--experiment-name decides, as for the run itself), else `experiment_name`."""
-    if os.environ.get("MLFLOW_RUN_ID") and os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        return os.environ["MLFLOW_EXPERIMENT_ID"], f"experiment id {os.environ['MLFLOW_EXPERIMENT_ID']} (mlflow run)"
-    return experiment_id(experiment_name), f"experiment {experiment_name!r}"
-
-
 def best_transfer_run(experiment_name: str, model: str) -> Run:
     """The finished `transfer` run tagged carsml.model=`model` with the best validation accuracy (ties: lower val
     loss); CarsmlError when the experiment holds none."""
-    searched, where = _search_experiment(experiment_name)
+    searched, where = searched_experiment(experiment_name)
     query = (f"tags.`{tag.ENTRY_POINT}` = 'transfer' and tags.`{tag.MODEL}` = '{model}' "
              f"and attributes.status = 'FINISHED'")
     runs = search_runs([searched], query, order_by=["metrics.best_val_acc DESC", "metrics.best_val_loss ASC"],

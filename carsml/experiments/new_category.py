@@ -175,7 +175,7 @@ def run(cfg: dict[str, Any]) -> NewCategoryResult:
     init = check_choice(cfg, "init", INITS)
     _check_numbers(cfg)
     resolve_device(str(cfg["device"]))
-    source = load_source(cfg["run_id"])
+    source = load_source(cfg["run_id"], cfg["experiment_name"])
     base = plan_data(source, cfg)
     require_split(base, "test")
     settings = training_config(source, cfg, mode)

@@ -32,7 +32,7 @@ from carsml.experiments.train import decode
 from carsml.tracking import tags as tag
 from carsml.tracking.models import load_model, resolve_model_uri
 from carsml.tracking.runs import log_dataset
-from carsml.tracking.search import config_from_run, model_training_run
+from carsml.tracking.search import best_trained_run, config_from_run, model_training_run
 
 SYNTHETIC_EXTRA = "BIG_TRUCKS"  # the folder the synthetic generator writes next to the dataset
 
@@ -79,16 +79,14 @@ class Source:
                 tag.MODEL: str(self.info["model_config"].get("name", ""))}
 
 
-def load_source(ref: str) -> Source:
-    """Load the model named by `ref` (an MLflow run id, runs:/ or models:/ URI) and its training run's settings.
+def load_source(ref: str, experiment_name: str) -> Source:
+    """Load the model named by `ref` (an MLflow run id, runs:/ or models:/ URI) and its training run's settings; with
+    `ref` empty, the best finished training run of `experiment_name` by validation accuracy (`best_trained_run`).
 
     Raises a CarsmlError naming `ref` for an unknown run or model, a run without a model, or a run whose data
     cannot be rebuilt. Never accepts a file path: models are identified through MLflow.
     """
-    ref = (ref or "").strip()
-    if not ref:
-        raise ConfigError("run_id: required — the MLflow run id or models:/ URI of a trained model "
-                          "(e.g. -P run_id=<id of an improved run>, or run_id=models:/m-...)")
+    ref = (ref or "").strip() or best_trained_run(experiment_name).info.run_id
     if not ref.startswith(("models:/", "runs:/")) and ("/" in ref or "\\" in ref or Path(ref).exists()):
         raise ConfigError(f"run_id={ref!r} looks like a file path; pass the MLflow run id or models:/ URI of the "
                           f"model (models are loaded through MLflow, never from a loose file)")
@@ -224,7 +222,7 @@ def prepare_analysis(cfg: dict[str, Any], split: str) -> tuple[Source, DataPlan]
     """What an analysis entry point (errors, tta) checks before its run starts: the inference options, the model
     `run_id` names, its data (classes checked against the model) and the split to analyse."""
     check_inference(cfg)
-    source = load_source(cfg["run_id"])
+    source = load_source(cfg["run_id"], cfg["experiment_name"])
     plan = plan_data(source, cfg)
     require_split(plan, split)
     return source, plan

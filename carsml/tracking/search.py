@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import mlflow
@@ -99,3 +100,29 @@ def child_runs(parent: Run) -> list[Run]:
 def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
     """Every logged (step, value) of metric `key` of a run, in step order."""
     return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))
+
+
+def searched_experiment(experiment_name: str) -> tuple[str | None, str]:
+    """(id or None, description) of the experiment an entry point searches for its input runs: under `mlflow run`
+    the launched run's own (--experiment-name decides, as for the run itself), else `experiment_name`."""
+    if os.environ.get("MLFLOW_RUN_ID") and os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"], f"experiment id {os.environ['MLFLOW_EXPERIMENT_ID']} (mlflow run)"
+    return experiment_id(experiment_name), f"experiment {experiment_name!r}"
+
+
+TRAINING_ENTRY_POINTS = ("improved", "baseline", "transfer", "kfold_improved", "kfold_baseline")
+
+
+def best_trained_run(experiment_name: str) -> Run:
+    """The finished training run (TRAINING_ENTRY_POINTS; k-fold children included) with a logged model and the highest
+    validation accuracy, ties to the lower validation loss: the model an analysis takes when no run_id is given."""
+    searched, where = searched_experiment(experiment_name)
+    query = "attributes.status = 'FINISHED' and metrics.best_val_acc >= 0"  # tags allow no IN: filtered below
+    runs = [r for r in (search_runs([searched], query) if searched else [])
+            if r.data.tags.get(tag.ENTRY_POINT) in TRAINING_ENTRY_POINTS and r.data.tags.get(tag.MODEL_URI)]
+    if not runs:
+        raise CarsmlError(f"run_id: not given, and {where} (tracking URI {tracking_uri()}) holds no finished training "
+                          f"run with a logged model and a validation accuracy; train one (e.g. `carsml improved`) "
+                          f"or pass run_id=<MLflow run id or models:/ URI>")
+    return min(runs, key=lambda r: (-r.data.metrics["best_val_acc"], r.data.metrics.get("best_val_loss", 0.0),
+                                    r.info.start_time))
