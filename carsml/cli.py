@@ -48,6 +48,9 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+ALIASES = {"experiment_name": ("--experiment",)}  # shorter spellings the CLI also accepts (not in the MLproject)
+
+
 def _register(name: str, command_name: str, target: typer.Typer) -> None:
     """Add a command whose options mirror the experiment's YAML defaults (so defaults live in one place)."""
     params = []
@@ -57,8 +60,8 @@ def _register(name: str, command_name: str, target: typer.Typer) -> None:
         metavar = {bool: "BOOL", int: "INT", float: "FLOAT"}.get(opt.type, "TEXT")
         params.append(inspect.Parameter(
             key, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],  # noqa: UP045 - runtime-built annotation
-            default=typer.Option(None, f"--{key.replace('_', '-')}", show_default=False, metavar=metavar,
-                                 help=f"{opt.help} (default: {opt.default!r})"),
+            default=typer.Option(None, f"--{key.replace('_', '-')}", *ALIASES.get(key, ()), show_default=False,
+                                 metavar=metavar, help=f"{opt.help} (default: {opt.default!r})"),
         ))
 
     params.append(inspect.Parameter(

@@ -54,3 +54,19 @@ def test_mlflow_run_bad_option_fails_without_a_dangling_run(isolated: Path) -> N
     assert done.returncode != 0 and "adamax" in done.stderr
     (run,) = _runs()  # mlflow run creates the run before our code starts; it must not stay RUNNING
     assert run.info.status == "FAILED"
+
+
+def test_mlflow_run_study_twice_keeps_one_parent_and_reuses_its_steps(isolated: Path) -> None:
+    params = {"steps": "data_analysis", "device": "cpu",
+              "set": "all.synth_classes=4,all.synth_images_per_class=16,data_analysis.sample_images=2,"
+                     "data_analysis.image_stats_limit=10"}
+    first = mlflow_run("study", params, isolated)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = mlflow_run("study", params, isolated)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "study step data_analysis   reused   run" in again.stdout
+    runs = _runs()  # the run `mlflow run` created the second time was replaced by the study it continues
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    (step,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and step.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    assert parents[0].info.status == "FINISHED"

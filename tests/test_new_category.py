@@ -154,6 +154,9 @@ def _jpegs(folder: Path, n: int) -> Path:
     ("bad_init", ConfigError, "'init': expected one of imprint, mean"),
     ("bad_fraction", ConfigError, "test_fraction: expected a fraction"),
     ("bad_epochs", ConfigError, "'epochs': expected a number >= 0"),
+    ("box_missing", DataError, r"boxes.csv: no box for 1 image\(s\) of the folder, e.g. 4.jpg"),
+    ("box_outside", DataError, r"boxes.csv, 0.jpg: box \(1, 1, 31, 20\) is not inside the 30x20 image"),
+    ("box_columns", DataError, "boxes.csv: expected columns fname,x1,y1,x2,y2"),
 ])
 def test_bad_input_is_refused_before_a_run(trained_run: str, tmp_path: Path, case: str, error: type,
                                            fragment: str) -> None:
@@ -185,6 +188,12 @@ def test_bad_input_is_refused_before_a_run(trained_run: str, tmp_path: Path, cas
         overrides["test_fraction"] = 1.0
     elif case == "bad_epochs":
         overrides["epochs"] = -1
+    elif case == "box_missing":
+        (folder / "boxes.csv").write_text("fname,x1,y1,x2,y2\n" + "".join(f"{i}.jpg,1,1,30,20\n" for i in range(4)))
+    elif case == "box_outside":
+        (folder / "boxes.csv").write_text("fname,x1,y1,x2,y2\n" + "".join(f"{i}.jpg,1,1,31,20\n" for i in range(5)))
+    elif case == "box_columns":
+        (folder / "boxes.csv").write_text("fname,left,top\n0.jpg,1,1\n")
     before = _run_count()
     with pytest.raises(error, match=fragment):
         run_experiment("new_category", overrides)

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.io as sio
 from PIL import Image
@@ -137,9 +138,14 @@ def test_no_grayscale_when_fraction_is_zero(tmp_path: Path) -> None:
 
 
 def test_extra_class_folder(small: Path, tmp_path: Path) -> None:
-    files = sorted((small / "TRUCKS").iterdir())
+    files = sorted((small / "TRUCKS").glob("*.jpg"))
+    assert {p.name for p in (small / "TRUCKS").iterdir()} == {"boxes.csv", *(f.name for f in files)}
     assert [f.name for f in files] == [f"{i:05d}.jpg" for i in range(1, 6)]
     assert all(Image.open(f).size == (64, 48) for f in files)
+    boxes = pd.read_csv(small / "TRUCKS" / "boxes.csv")  # 1-based inclusive, like the cars' annotations
+    assert list(boxes["fname"]) == [f.name for f in files]
+    assert ((boxes.x1 >= 1) & (boxes.x1 <= boxes.x2) & (boxes.x2 <= 64)).all()
+    assert ((boxes.y1 >= 1) & (boxes.y1 <= boxes.y2) & (boxes.y2 <= 48)).all()
     generate_synthetic(tmp_path, **{**TINY, "extra_class_images": 0})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stanford_cars"]
 

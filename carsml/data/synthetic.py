@@ -40,7 +40,7 @@ from carsml.data.synthetic_drawing import _car_height, _draw_car, _draw_truck, _
 from carsml.data.synthetic_scenes import _random_colour, _render
 from carsml.errors import ConfigError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: the extra class's folder has boxes.csv
 MARKER = "synthetic.json"
 DATASET_DIR = "stanford_cars"
 MIN_FRAME = (48, 32)
@@ -97,14 +97,15 @@ def _car_image(cls: _CarClass, label: int, index: int, p: dict[str, Any]) -> _Sh
     return _Shot(jpeg, (x1 + 1, y1 + 1, x2, y2), gray, edge)
 
 
-def _truck_image(index: int, p: dict[str, Any]) -> tuple[bytes, bool]:
+def _truck_image(index: int, p: dict[str, Any]) -> tuple[bytes, bool, tuple[int, int, int, int]]:
     rng = np.random.default_rng([p["seed"], _S_EXTRA, index])
     gray_rng = np.random.default_rng([p["seed"], _S_EXTRA, index, 1])
     colour = _random_colour(rng)
     shape = _truck_shape(rng)
     w, h = p["frame_size"]
-    img, _ = _render(rng, w, h, shape.height, lambda c: _draw_truck(c, shape, colour), edge_fraction=None)
-    return _encode(img, gray_rng, p["grayscale_fraction"])
+    img, (x1, y1, x2, y2) = _render(rng, w, h, shape.height, lambda c: _draw_truck(c, shape, colour),
+                                    edge_fraction=None)
+    return *_encode(img, gray_rng, p["grayscale_fraction"]), (x1 + 1, y1 + 1, x2, y2)
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -204,9 +205,9 @@ def generate_synthetic(out_dir: Path, *, num_classes: int = 20, images_per_class
     """Write a synthetic dataset in Stanford Cars devkit layout under out_dir; return out_dir/'stanford_cars'.
 
     `torchvision.datasets.StanfordCars(root=out_dir, split=...)` loads it unchanged. Images of one extra class
-    (big trucks, no boxes) go to out_dir/<extra_class_name>/. `stanford_cars/synthetic.json` (parameters and
-    counts) is written last, so its presence means the dataset is complete. Refuses (ConfigError) to write
-    into an existing non-empty dataset folder rather than mixing two generations.
+    (big trucks; their boxes in boxes.csv) go to out_dir/<extra_class_name>/. `stanford_cars/synthetic.json`
+    (parameters and counts) is written last, so its presence means the dataset is complete. Refuses (ConfigError) to
+    write into an existing non-empty dataset folder rather than mixing two generations.
     """
     p = _validate(dict(num_classes=num_classes, images_per_class=images_per_class,
                        test_fraction=test_fraction, frame_size=frame_size, seed=seed,
@@ -247,10 +248,13 @@ def generate_synthetic(out_dir: Path, *, num_classes: int = 20, images_per_class
 
     if p["extra_class_images"]:
         extra_dir.mkdir(parents=True, exist_ok=True)
+        box_lines = ["fname,x1,y1,x2,y2"]  # the trucks' boxes, 1-based inclusive like the cars' annotations
         for i in range(p["extra_class_images"]):
-            jpeg, gray = _truck_image(i, p)
+            jpeg, gray, box = _truck_image(i, p)
             _atomic_write(extra_dir / f"{i + 1:05d}.jpg", jpeg)
+            box_lines.append(",".join(map(str, (f"{i + 1:05d}.jpg", *box))))
             stats["grayscale"] += gray
+        _atomic_write(extra_dir / "boxes.csv", ("\n".join(box_lines) + "\n").encode())
 
     meta = {
         "generator": "carsml.data.synthetic",

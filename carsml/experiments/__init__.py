@@ -22,4 +22,6 @@ COMMANDS: dict[str, str] = {
     "features_rf": "features-rf",
     "tune": "tune",
     "promote": "promote",
+    "report": "report",
+    "study": "study",
 }

@@ -33,6 +33,7 @@ from carsml.engine.loader import ArrayData
 from carsml.errors import CarsmlError, ConfigError
 from carsml.experiments.common import cache_root, check_choice
 from carsml.experiments.source import (
+    BOX_FILE,
     DataPlan,
     NewClass,
     Source,
@@ -189,7 +190,9 @@ def run(cfg: dict[str, Any]) -> NewCategoryResult:
     plan = DataPlan(base.cfg, base.dataset, [*base.class_names, new.class_name], [*base.added, new])
     with start_run(cfg["entry_point"], cfg, run_name=f"new_category-{mode}-{new.class_name}",
                    tags={**source.tags(), tag.NEW_CLASS: new.class_name, tag.MODE: mode}) as active:
-        log_params({"new_class_folder": str(new.folder), "effective_epochs": settings["epochs"],
+        log_params({"new_class_folder": str(new.folder),
+                    "new_class_boxes": BOX_FILE if (new.folder / BOX_FILE).is_file() else "whole images",
+                    "effective_epochs": settings["epochs"],
                            "effective_lr": settings["lr"], "effective_head_lr": settings["head_lr"],
                            "effective_batch_size": settings["batch_size"], "effective_seed": settings["seed"]})
         splits = decode_splits(plan)

@@ -13,6 +13,8 @@ from carsml.experiments import (
     misclassified,
     new_category,
     promote,
+    report,
+    study,
     train,
     transfer,
     tta,
@@ -33,4 +35,6 @@ ENTRY_POINTS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "features_rf": features_rf.run,
     "tune": tune.run,
     "promote": promote.run,
+    "report": report.run,
+    "study": lambda cfg: study.run(cfg, ENTRY_POINTS),  # the study runs the other entry points as its steps
 }

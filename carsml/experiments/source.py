@@ -325,18 +325,49 @@ def plan_new_class(spec: dict[str, Any], data_cfg: dict[str, Any], existing: lis
     roles[order[n_test:n_test + n_val]] = "val"
     roles[order[n_test + n_val:]] = "train"
     label = len(existing)
-    table = make_table([{"path": str(p), "label": label, "class_name": name, "x1": 0, "y1": 0, "x2": w, "y2": h,
+    boxes = folder_boxes(folder, images, sizes)
+    table = make_table([{"path": str(p), "label": label, "class_name": name, "x1": x1, "y1": y1, "x2": x2, "y2": y2,
                          "split": "test" if r == "test" else "train", "fname": p.name}
-                        for p, (w, h), r in zip(images, sizes, roles, strict=True)])
+                        for p, (x1, y1, x2, y2), r in zip(images, boxes, roles, strict=True)])
     table["role"] = roles
     return NewClass(name, folder, label, table, {"class_name": name, "folder": str(spec["folder"]),
                                                  "test_fraction": test_fraction, "seed": int(spec["seed"])})
 
 
+BOX_FILE = "boxes.csv"  # optional, in a new class's folder: fname,x1,y1,x2,y2 (1-based inclusive, as Stanford Cars)
+
+
+def folder_boxes(folder: Path, images: list[Path], sizes: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """0-based exclusive boxes of a new class's images: from the folder's `boxes.csv` when it has one (the other
+    classes are cropped to their boxes, so the new class is too), else the whole image (`new_class_boxes` says which).
+    A file that lacks an image, or a box outside its image, is a DataError naming the file and the row."""
+    path = folder / BOX_FILE
+    if not path.is_file():
+        return [(0, 0, w, h) for w, h in sizes]
+    try:
+        rows = pd.read_csv(path, dtype={"fname": str}).set_index("fname")
+        rows = rows[["x1", "y1", "x2", "y2"]].astype("int64")
+    except (ValueError, KeyError, pd.errors.ParserError) as exc:
+        raise DataError(f"{path}: expected columns fname,x1,y1,x2,y2 with integer pixel coordinates ({exc})") from None
+    missing = [p.name for p in images if p.name not in rows.index]
+    if missing:
+        raise DataError(f"{path}: no box for {len(missing)} image(s) of the folder, e.g. {', '.join(missing[:3])}")
+    boxes = []
+    for image, (w, h) in zip(images, sizes, strict=True):
+        x1, y1, x2, y2 = (int(v) for v in rows.loc[image.name])
+        if not (1 <= x1 <= x2 <= w and 1 <= y1 <= y2 <= h):
+            raise DataError(f"{path}, {image.name}: box ({x1}, {y1}, {x2}, {y2}) is not inside the {w}x{h} image; "
+                            f"expected 1-based inclusive coordinates with 1 <= x1 <= x2 <= width, 1 <= y1 <= y2 <= "
+                            f"height")
+        boxes.append((x1 - 1, y1 - 1, x2, y2))
+    return boxes
+
+
 def _decode_new(new: NewClass, data_cfg: dict[str, Any]) -> DecodedImages:
-    # whole images (the boxes are the whole image anyway), resized like every other image: what serving sees too
-    return build_cache(new.table, int(data_cfg["image_size"]), cache_dir=cache_root(data_cfg), use_boxes=False,
-                       margin=0.0, skip_unreadable=bool(data_cfg["skip_unreadable"]))
+    # the same preprocessing as the other classes (crop to the box with the same margin, resize): what serving sees too
+    return build_cache(new.table, int(data_cfg["image_size"]), cache_dir=cache_root(data_cfg),
+                       use_boxes=bool(data_cfg["use_boxes"]), margin=float(data_cfg["crop_margin"]),
+                       skip_unreadable=bool(data_cfg["skip_unreadable"]))
 
 
 def combine(plan: DataPlan, train_rows: DecodedImages, test_rows: DecodedImages | None, train_idx: np.ndarray,

@@ -198,6 +198,23 @@ def log_params(params: dict[str, Any]) -> None:
         mlflow.log_params(fresh)
 
 
+_STEPS_OF: str | None = None  # the run whose entry points' runs nest under it (steps_of)
+_STEP_RUNS: list[str] = []  # the runs started as its children, in order
+
+
+@contextlib.contextmanager
+def steps_of(parent_run_id: str) -> Iterator[list[str]]:
+    """Within the block, an entry point started while run `parent_run_id` is active becomes its child run; yields
+    the list of those child runs' ids, in the order they started."""
+    global _STEPS_OF, _STEP_RUNS
+    previous = _STEPS_OF, _STEP_RUNS
+    _STEPS_OF, _STEP_RUNS = parent_run_id, []
+    try:
+        yield _STEP_RUNS
+    finally:
+        _STEPS_OF, _STEP_RUNS = previous
+
+
 @contextlib.contextmanager
 def start_run(
     entry_point: str,
@@ -208,12 +225,18 @@ def start_run(
     resume_run_id: str = "",
     tags: dict[str, str] | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Start (or join, or resume) the run for an entry point; log config, tags, and end it FAILED on error."""
+    """Start (or join, or resume) the run for an entry point; log config, tags, and end it FAILED on error.
+
+    Inside `steps_of(parent)` (the study), an entry point's own run is a child of that parent."""
     setup_tracking()
+    active_now = mlflow.active_run()
+    is_step = _STEPS_OF is not None and active_now is not None and active_now.info.run_id == _STEPS_OF
+    nested = nested or is_step
     launched_run = os.environ.get("MLFLOW_RUN_ID") if not nested else None
     if launched_run and mlflow.active_run() is None and resume_run_id and resume_run_id != launched_run:
-        # `mlflow run -P resume_run_id=X` created a fresh run; continue X instead so the study keeps one run.
-        MlflowClient().delete_run(launched_run)
+        # `mlflow run -P resume_run_id=X` created a fresh run; continue X instead. The fresh run stays (`mlflow run`
+        # ends it after this process: deleting it would fail that), empty, pointing at the run that continued.
+        MlflowClient().set_tag(launched_run, tag.CONTINUED_IN, resume_run_id)
         os.environ.pop("MLFLOW_RUN_ID")
         launched_run = None
     if resume_run_id:
@@ -227,6 +250,8 @@ def start_run(
         mlflow.set_experiment(cfg.get("experiment_name") or "stanford-cars")
         active = mlflow.start_run(run_name=run_name or entry_point)
     with active:
+        if is_step:
+            _STEP_RUNS.append(active.info.run_id)
         info = git_info()
         base_tags = {tag.ENTRY_POINT: entry_point, tag.VERSION: carsml.__version__}
         if info:
@@ -331,6 +356,27 @@ def in_run() -> bool:
 def log_artifacts(folder: str | Path, artifact_path: str) -> None:
     """Every file of `folder` under `artifact_path` of the active run."""
     mlflow.log_artifacts(str(folder), artifact_path)
+
+
+def launched_run_id() -> str:
+    """The run `mlflow run` created for this process ("" outside `mlflow run`)."""
+    return os.environ.get("MLFLOW_RUN_ID", "")
+
+
+def adopt_children(from_run_id: str, to_run_id: str) -> int:
+    """Make every child run of `from_run_id` a child of `to_run_id` (MLflow nests runs by the mlflow.parentRunId tag);
+    returns how many moved."""
+    client = MlflowClient()
+    parent = client.get_run(from_run_id)
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{from_run_id}'")
+    for child in children:
+        client.set_tag(child.info.run_id, "mlflow.parentRunId", to_run_id)
+    return len(children)
+
+
+def delete_run(run_id: str) -> None:
+    """Mark run `run_id` deleted (MLflow keeps it recoverable until the store is garbage-collected)."""
+    MlflowClient().delete_run(run_id)
 
 
 def end_run(status: str) -> None:

@@ -4,16 +4,20 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.entities import Run
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from carsml.config import load_config, options
 from carsml.errors import CarsmlError
 from carsml.tracking import tags as tag
+from carsml.tracking.registry import CHAMPION, alias_version
 from carsml.tracking.runs import shown_uri
 
 
@@ -126,3 +130,54 @@ def best_trained_run(experiment_name: str) -> Run:
                           f"or pass run_id=<MLflow run id or models:/ URI>")
     return min(runs, key=lambda r: (-r.data.metrics["best_val_acc"], r.data.metrics.get("best_val_loss", 0.0),
                                     r.info.start_time))
+
+
+def _download(**where: str) -> bytes | None:
+    """The bytes of one artifact file (`mlflow.artifacts.download_artifacts` arguments), None when it is absent."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(**where, dst_path=tmp))
+        except (MlflowException, OSError):
+            return None
+        return local.read_bytes() if local.is_file() else None
+
+
+def run_artifact(run_id: str, path: str) -> bytes | None:
+    """The bytes of the artifact file `path` of run `run_id` (e.g. `figures/mean_curves.png`), or None when the run
+    has no such file."""
+    return _download(run_id=run_id, artifact_path=path)
+
+
+def logged_model_artifact(model_uri: str, path: str) -> bytes | None:
+    """The bytes of the file `path` inside the logged model `model_uri` (`models:/m-<id>`; e.g. a carsml bundle's
+    `artifacts/bundle/model.json`), or None when there is no such model or file."""
+    try:
+        location = MlflowClient().get_logged_model(model_uri.removeprefix("models:/")).artifact_location
+    except MlflowException:
+        return None
+    return _download(artifact_uri=f"{location.rstrip('/')}/{path.lstrip('/')}")
+
+
+def registered_alias(name: str, alias: str = CHAMPION) -> ModelVersion | None:
+    """The version of registered model `name` that `alias` points at, or None (no such model or alias)."""
+    return alias_version(MlflowClient(), name, alias)
+
+
+def finished_runs(experiment_id: str, entry_point: str) -> list[Run]:
+    """The finished runs of carsml entry point `entry_point` in an experiment, newest first."""
+    query = f"tags.`{tag.ENTRY_POINT}` = '{entry_point}' and attributes.status = 'FINISHED'"
+    return search_runs([experiment_id], query, order_by=["attributes.start_time DESC"])
+
+
+def searched_experiment_name(experiment_name: str) -> str:
+    """The name of the experiment `searched_experiment` picks: under `mlflow run` the launched run's, else
+    `experiment_name` (also when no such experiment exists)."""
+    searched, _ = searched_experiment(experiment_name)
+    found = mlflow.get_experiment(searched) if searched is not None else None
+    return found.name if found is not None else experiment_name
+
+
+def param_value(run: Run, key: str) -> str | None:
+    """A run's param as carsml logged it: `mlflow run` logs an empty -P value as the shell-quoted `''`."""
+    value = run.data.params.get(key)
+    return "" if value == "''" else value

@@ -22,12 +22,16 @@ KEY_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
     "promote": (("val acc", "val_acc"), ("RF val acc", "rf_val_acc")),
     "kfold": (("cv test acc", "cv_test_acc_mean±cv_test_acc_std"), ("cv best val acc", "cv_best_val_acc_mean")),
     "train": (("best val acc", "best_val_acc"), ("test acc", "test_acc"), ("best epoch", "best_epoch")),
+    "report": (("tables", "report_tables"), ("figures", "report_figures"), ("missing rows", "report_missing_rows")),
+    "study": (("steps run", "steps_run"), ("steps reused", "steps_reused")),
 }
 # What a user typically runs after each entry point ({run} = this run's id).
 NEXT: dict[str, str] = {
     "baseline": "carsml errors --run-id {run}",
     "improved": "carsml errors --run-id {run}   (or tta / new-category with the same --run-id)",
-    "kfold": "carsml errors --run-id <a fold's run id>",
+    "kfold": "carsml errors   (the best trained run of the experiment; or --run-id <a fold's run id>)",
+    "study": "carsml report --out report   (the study's tables again), or the same study command: steps are reused",
+    "report": "open report.html in a browser",
     "transfer": "carsml features-rf   (the RandomForest head on the best resnet50 run)",
     "transfer_all": "carsml compare",
     "features_rf": "carsml promote",

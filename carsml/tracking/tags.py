@@ -28,6 +28,7 @@ FOLD = "carsml.fold"  # a k-fold child: its held-out fold
 PARENT_RUN_ID = "carsml.parent_run_id"
 SELECTION_RUN_ID = "carsml.selection_run_id"  # a refit: the run whose validation chose its epochs
 ERROR = "carsml.error"
+CONTINUED_IN = "carsml.continued_in"  # a run `mlflow run` created for a resume: the run that continued instead
 
 # analysis runs (errors, tta, new_category): the model they analysed
 SOURCE_RUN_ID = "carsml.source_run_id"
@@ -57,3 +58,6 @@ PRUNED_AT_EPOCH = "carsml.pruned_at_epoch"
 SAMPLER_SEED = "carsml.sampler_seed"
 BEST_TRIAL_RUN_ID = "carsml.best_trial_run_id"
 PARAM_IMPORTANCE = "carsml.param_importance"
+
+# study
+STEPS_REUSED = "carsml.steps_reused"  # the steps an invocation of the study reused instead of running
