@@ -4,6 +4,11 @@ any run."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -133,3 +138,37 @@ def test_a_killed_resumable_step_continues_and_other_unfinished_steps_are_replac
             dropped = started[-1]
             run_step("data_analysis", {"sample_images": 2}, parent_id, {"data_analysis": record}, started)
             assert seen[-1]["sample_images"] == 2 and MlflowClient().get_run(dropped).info.lifecycle_stage == "deleted"
+
+
+@pytest.mark.slow
+def test_a_study_killed_mid_step_continues_that_step_without_duplicates(isolated: Path) -> None:
+    """SIGKILL inside the second fold of kfold_improved, then the same command: the same step run continues (fold 0
+    kept, fold 1 from its checkpoint), every epoch logged once."""
+    epochs = 150
+    args = [sys.executable, "-c", "from carsml.cli import main; main()", "study", "--steps", "kfold_improved",
+            "--device", "cpu", "--set",
+            TINY_STUDY.replace("kfold_improved.epochs=1", f"kfold_improved.epochs={epochs}")]
+    log = isolated / "first.log"
+    with log.open("w") as out:
+        first = subprocess.Popen(args, cwd=isolated, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while log.read_text().count("\nepoch ") < epochs + 10 and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert first.poll() is None, "the study ended before it could be killed mid-step: " + log.read_text()[-2000:]
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    (killed_step,) = [r for r in _runs() if r.data.tags.get(tag.ENTRY_POINT) == "kfold_improved"
+                      and r.data.tags.get(tag.FOLD) is None]
+    done_fold = [r for r in _runs() if r.data.tags.get(tag.FOLD) == "0"]
+    again = subprocess.run(args, cwd=isolated, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"study step kfold_improved  resumed  run {killed_step.info.run_id}" in again.stdout
+    runs = _runs()
+    assert len([r for r in runs if r.data.tags.get(tag.ENTRY_POINT) == "study"]) == 1
+    folds = sorted((r for r in runs if r.data.tags.get(tag.FOLD) is not None), key=lambda r: r.data.tags[tag.FOLD])
+    assert [r.data.tags[tag.FOLD] for r in folds] == ["0", "1"]
+    assert folds[0].info.run_id == done_fold[0].info.run_id  # the finished fold was kept, not retrained
+    for fold in folds:
+        assert fold.info.status == "FINISHED"
+        steps = [m.step for m in MlflowClient().get_metric_history(fold.info.run_id, "val_acc")]
+        assert steps == list(range(1, epochs + 1))  # every epoch once: no gap, no duplicate
