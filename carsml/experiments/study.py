@@ -11,9 +11,9 @@ step — never by pasted ids.
 
 Running the same command again continues the same study run (its params decide which one; under `mlflow run`, the
 run it creates takes the earlier run's steps over, and the earlier run is deleted): a step that already
-FINISHED with the same options is reused (MLflow's multistep-workflow rule), a killed k-fold or transfer_all step
-resumes from its checkpoints, any other unfinished step is deleted and run again. A failed step stops the study,
-naming the step and the command that continues it.
+FINISHED with the same options is reused (MLflow's multistep-workflow rule), a killed training step (baseline,
+improved, k-fold, transfer_all) resumes from its checkpoints, any other unfinished step is deleted and run again. A
+failed step stops the study, naming the step and the command that continues it.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def run_step(step: str, given: dict[str, Any], parent_id: str, entry_points: Ent
         entry_points[step](step_cfg)
     except CarsmlError as exc:
         raise CarsmlError(f"study step {step} failed: {exc}\nFix it and run the same study command again: finished "
-                          f"steps are reused, a killed k-fold or transfer_all step continues.") from exc
+                          f"steps are reused, a killed training step continues from its checkpoints.") from exc
     if len(started) == before:
         raise RuntimeError(f"study step {step} started no run under the study run")  # a bug, not a user's mistake
     return Step(step, started[before], reused=False, resumed=resumed)
