@@ -56,12 +56,14 @@ def _register(name: str, command_name: str, target: typer.Typer) -> None:
     params = []
     for key, opt in options(name).items():
         # booleans take a value (`--use-boxes false`) so MLproject commands can pass them like any other parameter
-        kind = {int: int, float: float}.get(opt.type, str)
-        metavar = {bool: "BOOL", int: "INT", float: "FLOAT"}.get(opt.type, "TEXT")
+        # an option that may be unset takes text: the empty string unsets it (as `mlflow run -P key=` does)
+        kind = str if opt.kind.optional else {int: int, float: float}.get(opt.type, str)
+        metavar = "|".join(opt.kind.choices) or {bool: "BOOL", int: "INT", float: "FLOAT"}.get(opt.type, "TEXT")
+        shown = "empty" if opt.default is None else repr(opt.default)
         params.append(inspect.Parameter(
             key, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],  # noqa: UP045 - runtime-built annotation
             default=typer.Option(None, f"--{key.replace('_', '-')}", *ALIASES.get(key, ()), show_default=False,
-                                 metavar=metavar, help=f"{opt.help} (default: {opt.default!r})"),
+                                 metavar=metavar, help=f"{opt.help} (default: {shown})"),
         ))
 
     params.append(inspect.Parameter(

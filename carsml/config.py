@@ -4,7 +4,8 @@ overrides from the CLI or `mlflow run -P`.
 A YAML file may start with `inherit: <other>` to take another file's keys first (so shared defaults live once), and
 `omit: a,b` to leave out inherited options that mean nothing for it.
 A trailing `# comment` on a key's line is that option's help text in the CLI and the MLproject.
-Configs are flat dicts of scalars (str, int, float, bool) so every key maps 1:1 onto an MLproject parameter.
+Values are scalars (str, int, float, bool) or `null` (unset), so every key maps 1:1 onto an MLproject parameter; each
+option's type comes from its family in `carsml.options`, and `load_config` returns the typed, frozen `Options`.
 
 A training entry point's `recipe` option names a file `carsml/experiments/defaults/recipes/<recipe>.yaml` whose values
 replace the entry point's defaults (`study`, the default, is the entry point's own defaults, no file). An option set
@@ -16,6 +17,7 @@ default.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ from typing import Any
 import yaml
 
 from carsml.errors import ConfigError
+from carsml.options import Options, OptionType, option_types
+from carsml.options import coerce as coerce_value
 
 DEFAULTS_DIR = Path(__file__).resolve().parent / "experiments" / "defaults"  # shipped inside the package
 RECIPES_DIR = DEFAULTS_DIR / "recipes"
@@ -32,15 +36,17 @@ _COMMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:.*?#\s*(.+)$")
 
 @dataclass(frozen=True)
 class Option:
-    """One configurable option: its default value (whose type is the option's type) and help text."""
+    """One configurable option: its type (from its family in `carsml.options`), default value and help text."""
 
     name: str
+    kind: OptionType
     default: Any
     help: str = ""
 
     @property
     def type(self) -> type:
-        return type(self.default)
+        """The value's type when set (None is allowed too where `kind.optional`)."""
+        return self.kind.base
 
 
 def entry_points() -> list[str]:
@@ -56,7 +62,18 @@ def _defaults_file(name: str) -> Path:
 
 
 def options(name: str) -> dict[str, Option]:
-    """All options of experiment `name` (inherited ones first), with defaults and help."""
+    """All options of experiment `name` (inherited ones first), with types, defaults and help."""
+    merged = _yaml_options(name)
+    kinds = option_types(name)
+    if set(kinds) != set(merged):
+        raise ConfigError(f"{_defaults_file(name)}: options without a family field in carsml.options: "
+                          f"{sorted(set(merged) - set(kinds)) or 'none'}; family fields without a default here: "
+                          f"{sorted(set(kinds) - set(merged)) or 'none'}")
+    return {k: Option(k, kinds[k], coerce_value(k, kinds[k], default), text) for k, (default, text) in merged.items()}
+
+
+def _yaml_options(name: str) -> dict[str, tuple[Any, str]]:
+    """Option name -> (default as written, help) of `name`'s defaults file, inherited ones first."""
     path = _defaults_file(name)
     raw = yaml.safe_load(path.read_text()) or {}
     helps = {}
@@ -65,45 +82,20 @@ def options(name: str) -> dict[str, Option]:
         if m:
             helps[m.group(1)] = m.group(2).strip()
     parent = raw.pop("inherit", None)
-    merged: dict[str, Option] = options(parent) if parent else {}
+    merged = _yaml_options(parent) if parent else {}
     for key in str(raw.pop("omit", "") or "").split(","):  # options of the parent this entry point does not have
         if key.strip() and merged.pop(key.strip(), None) is None:
             raise ConfigError(f"{path}: omit names {key.strip()!r}, which {parent!r} does not have")
     for key, value in raw.items():
-        if not isinstance(value, (str, int, float, bool)):
-            raise ConfigError(f"{path}: option {key!r} must be a scalar (str/int/float/bool), got {value!r}")
-        if key in merged and not helps.get(key):
-            helps[key] = merged[key].help
-        merged[key] = Option(key, value, helps.get(key, ""))
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise ConfigError(f"{path}: option {key!r} must be a scalar (str/int/float/bool) or null, got {value!r}")
+        merged[key] = (value, helps.get(key) or (merged[key][1] if key in merged else ""))
     return merged
 
 
 def coerce(option: Option, value: Any) -> Any:
     """Convert `value` (often a string from the command line) to the option's type, or raise ConfigError."""
-    kind = option.type
-    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-        return value
-    text = str(value).strip()
-    try:
-        if kind is bool:
-            lowered = text.lower()
-            if lowered in ("true", "1", "yes", "on"):
-                return True
-            if lowered in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if kind is int:
-            as_float = float(text)
-            if not as_float.is_integer():
-                raise ValueError
-            return int(as_float)
-        if kind is float:
-            return float(text)
-    except ValueError:
-        raise ConfigError(
-            f"Option {option.name!r}: expected {kind.__name__}, got {value!r}"
-        ) from None
-    return text
+    return coerce_value(option.name, option.kind, value)
 
 
 def recipes() -> list[str]:
@@ -124,15 +116,16 @@ def recipe_values(recipe: str) -> dict[str, Any]:
     return values
 
 
-def load_config(name: str, overrides: dict[str, Any] | None = None, *, passes_defaults: bool = False) -> dict[str, Any]:
+def load_config(name: str, overrides: Mapping[str, Any] | None = None, *, passes_defaults: bool = False) -> Options:
     """Defaults of experiment `name` (with its `recipe` applied) and `overrides` on top (unknown keys raise ConfigError
-    listing valid ones). `overrides` values of None are unset; with `passes_defaults` (the caller passes every option,
-    as `mlflow run` does) a value equal to the default is unset too, so the recipe decides it."""
+    listing valid ones), typed and checked into its option families. `overrides` values of None are not given; with
+    `passes_defaults` (the caller passes every option, as `mlflow run` does) a value equal to the default is not given
+    either, so the recipe decides it."""
     opts = options(name)
     cfg = {key: opt.default for key, opt in opts.items()}
     explicit = set()
     for key, value in (overrides or {}).items():
-        if value is None:
+        if value is None or key == "entry_point":
             continue
         if key not in opts:
             raise ConfigError(f"Experiment {name!r} has no option {key!r}. Valid options: {', '.join(sorted(opts))}")
@@ -143,8 +136,7 @@ def load_config(name: str, overrides: dict[str, Any] | None = None, *, passes_de
         for key, value in recipe_values(cfg["recipe"]).items():
             if key in opts and key not in explicit:
                 cfg[key] = coerce(opts[key], value)
-    cfg["entry_point"] = name
-    return cfg
+    return Options.build(name, cfg)
 
 
 def parse_assignments(pairs: list[str]) -> dict[str, str]:

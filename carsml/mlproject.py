@@ -43,8 +43,9 @@ def render() -> str:
         opts = options(entry)
         lines += [f"  {entry}:", "    parameters:"]
         for key, opt in opts.items():
-            kind = "float" if isinstance(opt.default, (int, float)) and not isinstance(opt.default, bool) else "string"
-            lines.append(f"      {key}: {{type: {kind}, default: {_yaml_scalar(opt.default)}}}")
+            kind = "float" if opt.type in (int, float) and not opt.kind.optional else "string"
+            default = "" if opt.default is None else opt.default
+            lines.append(f"      {key}: {{type: {kind}, default: {_yaml_scalar(default)}}}")
         args = " ".join(f"--{key.replace('_', '-')} {{{key}}}" for key in opts)
         lines.append(f'    command: "carsml {command} {args}"')
     return "\n".join(lines) + "\n"

@@ -201,7 +201,7 @@ class _NoHead(nn.Module):
 @pytest.mark.parametrize("overrides, fragment", [
     ({"n_estimators": 0}, "n_estimators: expected a positive integer"),
     ({"knn_k": 0}, "knn_k: expected a positive integer"),
-    ({"amp": "fp8"}, "amp: expected one of"),
+    ({"amp": "fp8"}, "'amp': expected one of"),
     ({"n_jobs": 0}, "n_jobs: expected a positive number of jobs or -1"),
 ])
 def test_bad_options_fail_before_looking_for_a_source(overrides: dict, fragment: str, experiment: str) -> None:

@@ -153,7 +153,7 @@ def _jpegs(folder: Path, n: int) -> Path:
     ("bad_mode", ConfigError, "'mode': expected one of scratch, warmstart"),
     ("bad_init", ConfigError, "'init': expected one of imprint, mean"),
     ("bad_fraction", ConfigError, "test_fraction: expected a fraction"),
-    ("bad_epochs", ConfigError, "'epochs': expected a number >= 0"),
+    ("bad_epochs", ConfigError, "'epochs': expected a positive number"),
     ("box_missing", DataError, r"boxes.csv: no box for 1 image\(s\) of the folder, e.g. 4.jpg"),
     ("box_outside", DataError, r"boxes.csv, 0.jpg: box \(1, 1, 31, 20\) is not inside the 30x20 image"),
     ("box_columns", DataError, "boxes.csv: expected columns fname,x1,y1,x2,y2"),

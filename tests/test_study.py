@@ -52,7 +52,7 @@ def test_bad_set_items_are_named(text: str, fragment: str) -> None:
 
 
 def test_a_profile_that_does_not_exist_lists_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match="profile: expected one of demo, study; got 'fast'"):
+    with pytest.raises(ConfigError, match="profile: expected one of demo, results, study; got 'fast'"):
         profile_values("fast")
 
 

@@ -80,7 +80,7 @@ def _steps(run_id: str, key: str) -> list[int]:
 def test_study_defaults() -> None:
     cfg = load_config("transfer")
     assert (cfg["model"], cfg["image_size"], cfg["batch_size"], cfg["epochs"]) == ("resnet50", 224, 128, 10)
-    assert (cfg["lr"], cfg["optimizer"], cfg["pretrained"], cfg["weights"]) == (1e-4, "adam", True, "")
+    assert (cfg["lr"], cfg["optimizer"], cfg["pretrained"], cfg["weights"]) == (1e-4, "adam", True, None)
     assert parse_models(load_config("transfer_all")["models"]) == list(STUDY_MODELS)
     assert list(STUDY_MODELS) == ["resnet50", "vgg16", "densenet121", "efficientnet_b0"]
     assert all(timm.is_model(name) for name in STUDY_MODELS)

@@ -156,7 +156,7 @@ def test_a_later_worker_resumes_the_study_and_must_share_its_settings(
         shutil.copy(study["folder"] / name, tmp_path / f"copy-{name}")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/copy-mlflow.db")
     storage = f"sqlite:///{tmp_path}/copy-optuna.db"
-    base = {**TUNE, "data": str(colours), "storage": storage, "sampler_seed": -1}
+    base = {**TUNE, "data": str(colours), "storage": storage, "sampler_seed": None}
     result = run_experiment("tune", {**base, "n_trials": 1})
     assert len(optuna.load_study(study_name="colours", storage=storage).trials) == 6
     assert result.sampler_seed == 42 + 5  # seed + trials already in the study: new points, not a replay
@@ -239,9 +239,9 @@ def test_figures_of_a_study_with_and_without_enough_completed_trials() -> None:
     ({"weight_decay_min": -0.0001}, "weight_decay_min=-0.0001: weight_decay is searched on a log scale"),
     ({"dropout_max": 1.0}, r"dropout range \[0.0, 1.0\]: expected values in \[0, 1.0\)"),
     ({"dropout_min": 0.5, "dropout_max": 0.2}, "dropout_min=0.5 is larger than dropout_max=0.2"),
-    ({"sampler": "grid"}, "sampler='grid': expected one of tpe, random"),
-    ({"pruner": "asha"}, "pruner='asha': expected one of median, hyperband, none"),
-    ({"n_trials": 0, "timeout": 0}, "the study would never stop"),
+    ({"sampler": "grid"}, "'sampler': expected one of tpe, random; got 'grid'"),
+    ({"pruner": "asha"}, "'pruner': expected one of median, hyperband, none; got 'asha'"),
+    ({"n_trials": 0}, "the study would never stop"),
     ({"resume_run_id": "abc"}, "resumed through its Optuna storage"),
     ({"storage": "not a url"}, "storage='not a url': not a SQLAlchemy URL"),
     ({"storage": "sqlite:///:memory:"}, "in-memory SQLite study cannot be shared"),

@@ -35,8 +35,8 @@ def resolve_dataset(cfg: dict[str, Any]) -> Dataset:
     return load_dataset(cfg["data"])
 
 
-def limit_classes(dataset: Dataset, max_classes: int) -> Dataset:
-    """Keep only the first `max_classes` classes (0 = all) for quick runs."""
+def limit_classes(dataset: Dataset, max_classes: int | None) -> Dataset:
+    """Keep only the first `max_classes` classes (None = all) for quick runs."""
     if not max_classes or max_classes >= dataset.num_classes:
         return dataset
     table = dataset.table[dataset.table["label"] < max_classes].reset_index(drop=True)
@@ -49,7 +49,7 @@ OUR_CNNS = ("baseline_cnn", "improved_cnn")
 
 def model_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     """create_model keyword arguments from a training config (our CNNs' options only apply to them)."""
-    kwargs: dict[str, Any] = {"dropout": cfg["dropout"] if cfg["dropout"] >= 0 else None}
+    kwargs: dict[str, Any] = {"dropout": cfg["dropout"]}
     if cfg["model"] in OUR_CNNS:
         kwargs["head_widths"] = tuple(int(w) for w in str(cfg["head_widths"]).split(",") if w.strip())
         kwargs["head"] = cfg["head"]

@@ -95,8 +95,8 @@ def check_options(cfg: dict[str, Any]) -> None:
     for key in positive:
         if cfg[key] < 1:
             raise ConfigError(f"{key}: expected a positive integer; got {cfg[key]!r}")
-    if cfg["max_depth"] < 0:
-        raise ConfigError(f"max_depth: expected an integer >= 0 (0 = unlimited); got {cfg['max_depth']!r}")
+    if cfg["max_depth"] is not None and cfg["max_depth"] < 1:
+        raise ConfigError(f"max_depth: expected a positive integer (empty = unlimited); got {cfg['max_depth']!r}")
     if cfg["logreg_c"] <= 0:
         raise ConfigError(f"logreg_c: expected a positive number; got {cfg['logreg_c']!r}")
     if cfg["n_jobs"] == 0:
@@ -193,7 +193,7 @@ def extract_features(model: nn.Module, data: ArrayData, fnames: np.ndarray, tran
 def make_heads(cfg: dict[str, Any]) -> dict[str, Any]:
     """The RandomForest (the study's settings by default) and two context heads, unfitted."""
     return {
-        "rf": RandomForestClassifier(n_estimators=cfg["n_estimators"], max_depth=cfg["max_depth"] or None,
+        "rf": RandomForestClassifier(n_estimators=cfg["n_estimators"], max_depth=cfg["max_depth"],
                                      random_state=cfg["random_state"], n_jobs=cfg["n_jobs"]),
         # standardised features: lbfgs converges far faster, and C means the same for every backbone
         "logreg": make_pipeline(StandardScaler(), LogisticRegression(C=cfg["logreg_c"],

@@ -17,6 +17,7 @@ analyse it like any other model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,21 +135,24 @@ def training_config(source: Source, cfg: dict[str, Any], mode: str) -> dict[str,
     settings["model"] = str(source.info["model_config"]["name"])
     source_lr = float(settings["lr"])
     warm = mode == "warmstart"
-    epochs = int(cfg["epochs"]) or (min(WARMSTART_EPOCHS, int(settings["epochs"])) if warm else int(settings["epochs"]))
-    lr = float(cfg["lr"]) or (source_lr * WARMSTART_LR_FACTOR if warm else source_lr)
-    head_lr = float(cfg["head_lr"]) or (source_lr if warm else float(source.cfg.get("head_lr", 0.0) or 0.0))
+    def given(key: str, fallback: Any) -> Any:  # this run's option, None = the mode's default
+        return fallback if cfg[key] is None else cfg[key]
+
+    epochs = given("epochs", min(WARMSTART_EPOCHS, int(settings["epochs"])) if warm else int(settings["epochs"]))
+    lr = given("lr", source_lr * WARMSTART_LR_FACTOR if warm else source_lr)
+    head_lr = given("head_lr", source_lr if warm else source.cfg.get("head_lr"))
     settings.update(entry_point=cfg["entry_point"], epochs=epochs, lr=lr, head_lr=head_lr, device=cfg["device"],
-                    batch_size=int(cfg["batch_size"]) or int(settings["batch_size"]), log_model=True,
-                    resume_run_id="", seed=int(cfg["seed"]) if int(cfg["seed"]) >= 0 else int(settings["seed"]))
+                    batch_size=given("batch_size", int(settings["batch_size"])), log_model=True,
+                    resume_run_id=None, seed=given("seed", int(settings["seed"])))
     if "freeze_backbone_epochs" in source.cfg:
         settings["freeze_backbone_epochs"] = source.cfg["freeze_backbone_epochs"]
     return settings
 
 
-def _check_numbers(cfg: dict[str, Any]) -> None:
+def _check_numbers(cfg: Mapping[str, Any]) -> None:
     for key in ("epochs", "lr", "head_lr", "batch_size"):
-        if float(cfg[key]) < 0:
-            raise ConfigError(f"Option {key!r}: expected a number >= 0 (0 = the default for the mode); "
+        if cfg[key] is not None and cfg[key] <= 0:
+            raise ConfigError(f"Option {key!r}: expected a positive number, or empty for the mode's default; "
                               f"got {cfg[key]!r}")
 
 

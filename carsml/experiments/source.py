@@ -8,6 +8,7 @@ added by `new_category` (`NewClass`) included. Used by errors, tta and new_categ
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,11 +41,9 @@ SYNTHETIC_EXTRA = "BIG_TRUCKS"  # the folder the synthetic generator writes next
 # What decides the data a model was trained and evaluated on (read from its training run).
 SOURCE_DATA_KEYS = ("data", "synth_classes", "synth_images_per_class", "synth_seed", "cache_dir", "image_size",
                     "use_boxes", "crop_margin", "skip_unreadable", "max_classes", "val_fraction", "seed")
-# Data options of the analysis entry points and the value that means "the same as the source run".
-SAME_AS_SOURCE: dict[str, Any] = {"data": "", "synth_classes": 0, "synth_images_per_class": 0, "synth_seed": -1,
-                                  "cache_dir": "", "image_size": 0, "use_boxes": "", "crop_margin": -1.0,
-                                  "skip_unreadable": ""}
-_BOOL_TEXT = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+# Data options of the analysis entry points (SourceOptions): None = the same as the source run.
+SAME_AS_SOURCE = ("data", "synth_classes", "synth_images_per_class", "synth_seed", "cache_dir", "image_size",
+                  "use_boxes", "crop_margin", "skip_unreadable")
 
 
 @dataclass
@@ -120,21 +119,10 @@ class DataPlan:
     added: list[NewClass] = field(default_factory=list)  # one per class added by new_category
 
 
-def _override(key: str, value: Any) -> Any:
-    if key in ("use_boxes", "skip_unreadable"):
-        parsed = _BOOL_TEXT.get(str(value).strip().lower())
-        if parsed is None:
-            raise ConfigError(f"Option {key!r}: expected true, false or empty (= the source run's); got {value!r}")
-        return parsed
-    return value
-
-
-def effective_data_config(source: Source, cfg: dict[str, Any]) -> dict[str, Any]:
-    """The source's data options, replaced by every option the user set (not left at its 'same as source' value)."""
+def effective_data_config(source: Source, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The source's data options, replaced by every option the user set (not None: 'the same as the source run')."""
     data_cfg = dict(source.data_cfg)
-    for key, unset in SAME_AS_SOURCE.items():
-        if key in cfg and cfg[key] != unset:
-            data_cfg[key] = _override(key, cfg[key])
+    data_cfg.update({key: cfg[key] for key in SAME_AS_SOURCE if cfg.get(key) is not None})
     return data_cfg
 
 
@@ -147,14 +135,14 @@ def check_input_size(model: nn.Module, info: dict[str, Any], image_size: int) ->
             model.eval()(torch.zeros(2, 3, image_size, image_size))
     except Exception as exc:  # noqa: BLE001 - any failure means this size does not fit the model
         raise ConfigError(f"image_size={image_size}: the model was trained at {info['image_size']} px and rejects "
-                          f"{image_size} px inputs ({type(exc).__name__}: {exc}); leave image_size at 0") from None
+                          f"{image_size} px inputs ({type(exc).__name__}: {exc}); leave image_size empty") from None
 
 
 def plan_data(source: Source, cfg: dict[str, Any]) -> DataPlan:
     """Resolve the source model's dataset (with the user's overrides) and check its classes are the model's."""
     data_cfg = effective_data_config(source, cfg)
     check_input_size(source.model, source.info, int(data_cfg["image_size"]))
-    dataset = limit_classes(resolve_dataset(data_cfg), int(data_cfg["max_classes"]))
+    dataset = limit_classes(resolve_dataset(data_cfg), data_cfg["max_classes"])
     names, added = list(dataset.class_names), []
     for spec in source.added_classes:  # classes added by new_category, in label order
         added.append(plan_new_class(spec, data_cfg, names))
@@ -330,7 +318,7 @@ def plan_new_class(spec: dict[str, Any], data_cfg: dict[str, Any], existing: lis
                          "split": "test" if r == "test" else "train", "fname": p.name}
                         for p, (x1, y1, x2, y2), r in zip(images, boxes, roles, strict=True)])
     table["role"] = roles
-    return NewClass(name, folder, label, table, {"class_name": name, "folder": str(spec["folder"]),
+    return NewClass(name, folder, label, table, {"class_name": name, "folder": spec["folder"] and str(spec["folder"]),
                                                  "test_fraction": test_fraction, "seed": int(spec["seed"])})
 
 

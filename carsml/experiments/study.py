@@ -36,6 +36,7 @@ from carsml.tracking.runs import (
     log_artifacts,
     log_csv,
     log_metrics,
+    param_text,
     set_tags,
     start_run,
     steps_of,
@@ -95,8 +96,8 @@ def profile_values(name: str) -> dict[str, dict[str, Any]]:
 
 
 def parse_steps(text: str) -> list[str]:
-    """The steps to run, in the study's order ("" = all); ConfigError naming an unknown step."""
-    names = [s.strip() for s in str(text).split(",") if s.strip()]
+    """The steps to run, in the study's order (empty or None = all); ConfigError naming an unknown step."""
+    names = [s.strip() for s in str(text or "").split(",") if s.strip()]
     unknown = [s for s in names if s not in STEPS]
     if unknown:
         raise ConfigError(f"steps: unknown step(s) {', '.join(unknown)}; expected a comma-separated subset of "
@@ -134,7 +135,7 @@ def step_options(step: str, cfg: dict[str, Any], profile: dict[str, dict[str, An
 
 def _same_options(run: Any, step_cfg: dict[str, Any]) -> bool:
     """Whether `run` was made with these options (params are logged as strings; a run may log more)."""
-    logged = {k: AS_LOGGED[k](v) if k in AS_LOGGED else ("" if v is None else str(v)) for k, v in step_cfg.items()}
+    logged = {k: AS_LOGGED[k](v) if k in AS_LOGGED else param_text(v) for k, v in step_cfg.items()}
     return all(param_value(run, k) == v for k, v in logged.items() if k not in ("entry_point", *NOT_COMPARED))
 
 
@@ -211,7 +212,7 @@ def _earlier_study(cfg: dict[str, Any]) -> str:
     if searched is None:
         return ""
     runs = [r for r in search_runs([searched], f"tags.`{tag.ENTRY_POINT}` = 'study'", ["attributes.start_time DESC"])
-            if all(param_value(r, k) == str(v) for k, v in cfg.items() if k not in ("entry_point", "steps"))]
+            if all(param_value(r, k) == param_text(v) for k, v in cfg.items() if k not in ("entry_point", "steps"))]
     return runs[0].info.run_id if runs else ""
 
 

@@ -61,8 +61,6 @@ def train_config(cfg: dict[str, Any]) -> TrainConfig:
     from `_train.yaml`, the one place training defaults are written."""
     defaults = options("_train")
     kwargs = {k: cfg[k] if k in cfg else defaults[k].default for k in TRAIN_KEYS if k in cfg or k in defaults}
-    if kwargs.get("head_lr", 0) <= 0:
-        kwargs.pop("head_lr", None)
     tc = TrainConfig(**kwargs)
     tc.validate()
     if "augmentation" in cfg:  # unknown policies raise here, before any run exists

@@ -80,7 +80,7 @@ def weights_file(folder: str, model: str) -> str:
 def child_config(cfg: dict[str, Any], model: str) -> dict[str, Any]:
     """The full `transfer` config of one child: the parent's shared options with `model` (and its weights file)."""
     shared = {k: v for k, v in cfg.items() if k in options("transfer") and k not in ("model", "weights", *PARENT_ONLY)}
-    weights = weights_file(cfg["weights"], model) if cfg["weights"] else ""
+    weights = weights_file(cfg["weights"], model) if cfg["weights"] else None
     return load_config("transfer", {**shared, "model": model, "weights": weights})
 
 

@@ -169,13 +169,15 @@ def check_options(cfg: dict[str, Any]) -> SearchSpace:
         raise ConfigError(f"sampler={cfg['sampler']!r}: expected one of {', '.join(SAMPLERS)}")
     if cfg["pruner"] not in PRUNERS:
         raise ConfigError(f"pruner={cfg['pruner']!r}: expected one of {', '.join(PRUNERS)}")
-    for key in ("n_trials", "timeout", "sampler_startup_trials", "pruner_startup_trials", "pruner_warmup_epochs"):
+    for key in ("n_trials", "sampler_startup_trials", "pruner_startup_trials", "pruner_warmup_epochs"):
         if cfg[key] < 0:
             raise ConfigError(f"{key}={cfg[key]!r}: expected a number >= 0")
-    if cfg["n_trials"] == 0 and cfg["timeout"] == 0:
-        raise ConfigError("n_trials=0 and timeout=0: the study would never stop; set n_trials or timeout")
-    if cfg["sampler_seed"] < -1:
-        raise ConfigError(f"sampler_seed={cfg['sampler_seed']!r}: expected -1 (derived) or a seed >= 0")
+    if cfg["timeout"] is not None and cfg["timeout"] <= 0:
+        raise ConfigError(f"timeout={cfg['timeout']!r}: expected a positive number of seconds (empty = no limit)")
+    if cfg["n_trials"] == 0 and cfg["timeout"] is None:
+        raise ConfigError("n_trials=0 and no timeout: the study would never stop; set n_trials or timeout")
+    if cfg["sampler_seed"] is not None and cfg["sampler_seed"] < 0:
+        raise ConfigError(f"sampler_seed={cfg['sampler_seed']!r}: expected a seed >= 0 (empty = derived)")
     if not str(cfg["study_name"]).strip():
         raise ConfigError("study_name: expected a non-empty name")
     for lr in space.lr:  # the engine must accept both ends of the ranges
@@ -210,7 +212,7 @@ def open_study(cfg: dict[str, Any], url: URL, settings: dict[str, Any]) -> tuple
     for key, value in settings.items():
         if key not in stored:
             study.set_user_attr(key, value)
-    seed = cfg["sampler_seed"] if cfg["sampler_seed"] >= 0 else cfg["seed"] + len(study.trials)
+    seed = cfg["sampler_seed"] if cfg["sampler_seed"] is not None else cfg["seed"] + len(study.trials)
     study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(cfg, seed),
                               pruner=make_pruner(cfg))
     return study, seed
@@ -374,6 +376,6 @@ def run(cfg: dict[str, Any]) -> TuneResult:
                        all_train.subset(val_idx), result)
         with planned_fits(cfg["n_trials"] or 1, "trial"):  # pruned trials end early: the ETA is an upper bound
             study.optimize(lambda trial: _objective(ctx, trial), n_trials=cfg["n_trials"] or None,
-                           timeout=cfg["timeout"] or None, catch=(Exception,), gc_after_trial=True)
+                           timeout=cfg["timeout"], catch=(Exception,), gc_after_trial=True)
         _summarise(study, cfg, result)
     return result

@@ -18,7 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -188,12 +188,17 @@ def git_info() -> dict[str, str]:
     return {"commit": commit, "dirty": str(bool(dirty)).lower()}
 
 
-def log_params(params: dict[str, Any]) -> None:
-    """Log params, skipping keys the run already holds (`mlflow run` pre-logs every -P value as a string, and
-    re-logging a key with another representation raises)."""
+def param_text(value: Any) -> str:
+    """An option's value as carsml logs it as an MLflow param: None (unset) is the empty string."""
+    return "" if value is None else str(value)
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    """Log params (`param_text`), skipping keys the run already holds (`mlflow run` pre-logs every -P value as a
+    string, and re-logging a key with another representation raises)."""
     run = mlflow.active_run()
     existing = MlflowClient().get_run(run.info.run_id).data.params if run else {}
-    fresh = {k: ("" if v is None else v) for k, v in params.items() if k not in existing}
+    fresh = {k: param_text(v) for k, v in params.items() if k not in existing}
     if fresh:
         mlflow.log_params(fresh)
 
