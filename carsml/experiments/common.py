@@ -12,7 +12,7 @@ from carsml.data.cache import default_cache_dir
 from carsml.data.readers import load_dataset
 from carsml.data.synthetic import ensure_synthetic
 from carsml.data.table import Dataset
-from carsml.engine.device import AMP_CHOICES, resolve_device
+from carsml.engine.device import resolve_device
 from carsml.errors import ConfigError
 from carsml.models.factory import create_model
 
@@ -82,18 +82,9 @@ def build_model(cfg: dict[str, Any], num_classes: int, *, seed: int | None = Non
                         **kwargs)
 
 
-def check_choice(cfg: dict[str, Any], key: str, choices: tuple[str, ...]) -> str:
-    """cfg[key] if it is one of `choices`, else a ConfigError listing them."""
-    value = str(cfg[key]).strip()
-    if value not in choices:
-        raise ConfigError(f"Option {key!r}: expected one of {', '.join(choices)}; got {cfg[key]!r}")
-    return value
-
-
 def check_inference(cfg: dict[str, Any]) -> None:
-    """device, amp and batch_size of an inference entry point, checked before any run exists."""
+    """device and batch_size of an inference entry point (amp is a checked choice already), before any run."""
     resolve_device(str(cfg["device"]))
-    check_choice(cfg, "amp", AMP_CHOICES)
     check_positive(cfg, "batch_size")
 
 

@@ -35,7 +35,7 @@ from torch import nn
 from carsml.data.splits import membership_table, train_val_split
 from carsml.data.table import Dataset
 from carsml.data.transforms import BatchTransform, build_transform
-from carsml.engine.device import AMP_CHOICES, resolve_device
+from carsml.engine.device import resolve_device
 from carsml.engine.evaluate import predict
 from carsml.engine.loader import ArrayData
 from carsml.errors import CarsmlError, ConfigError, DataError
@@ -101,8 +101,6 @@ def check_options(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"logreg_c: expected a positive number; got {cfg['logreg_c']!r}")
     if cfg["n_jobs"] == 0:
         raise ConfigError("n_jobs: expected a positive number of jobs or -1 (all cores); got 0")
-    if cfg["amp"] not in AMP_CHOICES:
-        raise ConfigError(f"amp: expected one of {', '.join(AMP_CHOICES)}; got {cfg['amp']!r}")
     resolve_device(cfg["device"])
 
 

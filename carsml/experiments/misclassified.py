@@ -28,7 +28,7 @@ from carsml.experiments.analysis import (
     most_confused_block,
     per_class_table,
 )
-from carsml.experiments.common import check_choice, check_positive
+from carsml.experiments.common import check_positive
 from carsml.experiments.source import SourceSplits, decode_analysed, eval_transform, prepare_analysis
 from carsml.tracking import figures
 from carsml.tracking.artifacts import log_confusion_matrix
@@ -52,7 +52,7 @@ class ErrorReport:
 def run(cfg: dict[str, Any]) -> ErrorReport:
     """Analyse the mistakes of the model `cfg["run_id"]` on its test (or validation) split."""
     setup_tracking()
-    split = check_choice(cfg, "split", ("test", "val"))
+    split = cfg["split"]  # a choice checked by ErrorsOptions
     check_positive(cfg, "top_pairs", "gallery", "worst_classes", "zoom_classes", "calibration_bins")
     source, plan = prepare_analysis(cfg, split)
     names = plan.class_names

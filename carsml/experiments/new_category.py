@@ -32,7 +32,7 @@ from carsml.engine.device import resolve_device, seed_everything
 from carsml.engine.evaluate import EvalResult, evaluate, predict
 from carsml.engine.loader import ArrayData
 from carsml.errors import CarsmlError, ConfigError
-from carsml.experiments.common import cache_root, check_choice
+from carsml.experiments.common import cache_root
 from carsml.experiments.source import (
     BOX_FILE,
     DataPlan,
@@ -49,8 +49,6 @@ from carsml.models.factory import create_model
 from carsml.tracking import tags as tag
 from carsml.tracking.runs import log_csv, log_dataset, log_metrics, log_params, setup_tracking, start_run
 
-MODES = ("scratch", "warmstart")
-INITS = ("imprint", "mean")
 WARMSTART_EPOCHS = 5  # the default fine-tune length (never more than the source run trained)
 WARMSTART_LR_FACTOR = 0.1  # backbone lr = source lr x this; the classifier keeps the source lr
 
@@ -176,8 +174,7 @@ def run(cfg: dict[str, Any]) -> NewCategoryResult:
     from carsml.experiments.train import fit_and_log, train_config
 
     setup_tracking()
-    mode = check_choice(cfg, "mode", MODES)
-    init = check_choice(cfg, "init", INITS)
+    mode, init = cfg["mode"], cfg["init"]  # choices checked by NewCategoryOptions
     _check_numbers(cfg)
     resolve_device(str(cfg["device"]))
     source = load_source(cfg["run_id"], cfg["experiment_name"])

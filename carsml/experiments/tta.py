@@ -34,13 +34,11 @@ from carsml.engine.device import resolve_device
 from carsml.engine.evaluate import View, evaluate, predict
 from carsml.engine.loader import ArrayData
 from carsml.experiments.analysis import calibration
-from carsml.experiments.common import check_choice, check_positive
+from carsml.experiments.common import check_positive
 from carsml.experiments.source import decode_analysed, prepare_analysis
 from carsml.tracking import figures
 from carsml.tracking.runs import log_csv, log_figure, log_metrics, setup_tracking, start_run
 
-POLICIES = ("light", "study")
-AGGREGATIONS = ("mean", "vote")
 LIGHT_MIN_WIDTH = 0.95  # light policy: crops keep at least 95 % of the width (and all of the height)
 
 ViewFactory = Callable[[int, torch.Generator], View]  # view k of a policy: what `predict` applies to each batch
@@ -136,9 +134,7 @@ class TTAResult:
 def run(cfg: dict[str, Any]) -> TTAResult:
     """Test-time augmentation of the model `cfg["run_id"]` on its test (or validation) split."""
     setup_tracking()
-    split = check_choice(cfg, "split", ("test", "val"))
-    policy = check_choice(cfg, "policy", POLICIES)
-    aggregation = check_choice(cfg, "aggregation", AGGREGATIONS)
+    split, policy, aggregation = cfg["split"], cfg["policy"], cfg["aggregation"]  # choices checked by TtaOptions
     check_positive(cfg, "views")
     source, plan = prepare_analysis(cfg, split)
     names = plan.class_names
