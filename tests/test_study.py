@@ -18,7 +18,15 @@ from carsml.cli import run_experiment
 from carsml.config import load_config
 from carsml.errors import CarsmlError, ConfigError
 from carsml.experiments import study
-from carsml.experiments.study import STEPS, parse_set, parse_steps, profile_values, run_step, step_options
+from carsml.experiments.study import (
+    STEPS,
+    parse_set,
+    parse_steps,
+    profile_values,
+    profiles,
+    run_step,
+    step_options,
+)
 from carsml.tracking import tags as tag
 from carsml.tracking.runs import start_run
 
@@ -54,6 +62,13 @@ def test_bad_set_items_are_named(text: str, fragment: str) -> None:
 def test_a_profile_that_does_not_exist_lists_the_known_ones() -> None:
     with pytest.raises(ConfigError, match="profile: expected one of demo, results, study; got 'fast'"):
         profile_values("fast")
+
+
+@pytest.mark.parametrize("profile", profiles())
+def test_every_shipped_profile_gives_every_step_valid_options(profile: str) -> None:
+    shared = {"data": "synthetic", "cache_dir": None, "device": "cpu", "experiment_name": "x", "report_dir": "r"}
+    for step in STEPS:  # unknown options, wrong types and bad choices raise here
+        load_config(step, step_options(step, shared, profile_values(profile), {}))
 
 
 def test_step_options_layer_defaults_profile_shared_options_and_set() -> None:
