@@ -3,10 +3,18 @@ the synthetic datasets are shared per session (generated once)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "stanford_cars"
@@ -154,3 +162,47 @@ def use_module_store(store: str, monkeypatch: pytest.MonkeyPatch, request: pytes
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     setup_tracking()  # mlflow keeps the URI it was last given; follow this test's MLFLOW_TRACKING_URI
     return prefix + "".join(c if c.isalnum() else "-" for c in request.node.name)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path, startup_s: float = 180) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend in `folder`, artifacts proxied into `folder/artifacts`, as
+    docs/tracking.md starts it); yields its URL and stops its whole process group afterwards, whatever happens."""
+    port = free_port()
+    bin_dir = Path(sys.executable).parent  # mlflow and its gunicorn/uvicorn from the venv
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log_path = folder / "server.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [str(bin_dir / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder}/server.db",
+             "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts",
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + startup_s
+            while True:
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                try:
+                    if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except requests.RequestException:
+                    pass
+                assert time.monotonic() < deadline, "mlflow server did not start: " + log_path.read_text()[-3000:]
+                time.sleep(0.5)
+            yield url
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=20)

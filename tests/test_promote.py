@@ -63,11 +63,12 @@ def tracking_env(uri: str, folder: Path, cache_dir: Path) -> Iterator[None]:
             os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
 
-def build_store(folder: Path, cache_dir: Path, *, weak_run: bool) -> dict[str, Any]:
-    """A tracking store with a good resnet50 transfer run and its features_rf run (plus, with `weak_run`, a worse
-    transfer run without an RF head). Returns the store URI, folder and run ids."""
+def build_store(folder: Path, cache_dir: Path, *, weak_run: bool, uri: str | None = None) -> dict[str, Any]:
+    """A tracking store (`uri`, default a SQLite file in `folder`) with a good resnet50 transfer run and its
+    features_rf run (plus, with `weak_run`, a worse transfer run without an RF head). Returns the store URI, folder
+    and run ids."""
     data = write_colour_dataset(folder / "colours")
-    uri = f"sqlite:///{folder}/mlflow.db"
+    uri = uri or f"sqlite:///{folder}/mlflow.db"
     with tracking_env(uri, folder, cache_dir):
         good = run_experiment("transfer", {**TRANSFER, "data": str(data), "lr": 1e-3})
         ids = {"good": mlflow.last_active_run().info.run_id}

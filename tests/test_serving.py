@@ -15,7 +15,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from carsml.tracking.pyfunc_model import (
     default_threads,
     serve_threads,
 )
+from tests.conftest import free_port
 from tests.test_promote import COLOURS, NET, RF, build_store, tracking_env
 
 STARTUP_TIMEOUT_S = 240  # loading torch and a resnet50 on a busy CI machine
@@ -53,12 +53,6 @@ MIB = 1024 * 1024
 # a 43 MB request body, which glibc keeps for reuse. Repeating the abuse does not grow it further.
 SERVER_RSS_BOUND = 2 * 1024 * MIB
 SERVER_RSS_GROWTH = 768 * MIB  # after the abuse vs right after startup
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:

@@ -13,10 +13,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,6 @@ from typing import Any
 import mlflow
 import optuna
 import pytest
-import requests
 from mlflow.tracking import MlflowClient
 
 from carsml.cli import run_experiment
@@ -34,10 +31,9 @@ from carsml.experiments import tune
 from carsml.experiments.common import resolve_dataset
 from carsml.experiments.train import decode
 from carsml.tracking.runs import start_run
-from tests.conftest import REPO
+from tests.conftest import REPO, mlflow_server
 from tests.test_mlflow_run import mlflow_run
 from tests.test_promote import tracking_env, write_colour_dataset
-from tests.test_serving import free_port
 
 TUNE = {"image_size": 32, "head_widths": "32", "epochs": 2, "batch_size": 8, "device": "cpu", "n_trials": 5,
         "sampler_seed": 10, "pruner_startup_trials": 1, "pruner_warmup_epochs": 0, "lr_min": 1e-7, "lr_max": 0.1,
@@ -263,36 +259,9 @@ def test_bad_options_fail_before_any_run_or_study(overrides: dict[str, Any], fra
 
 @pytest.fixture
 def tracking_server(tmp_path: Path) -> Iterator[str]:
-    """A real `mlflow server` on 127.0.0.1 with a SQLite backend; stopped (its whole process group) afterwards."""
-    port = free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-         f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "mlflow server did not start: " + (tmp_path / "server.log").read_text()
-            time.sleep(0.5)
+    """A real `mlflow server` for this test (stopped afterwards)."""
+    with mlflow_server(tmp_path) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-        log.close()
 
 
 def test_two_workers_share_one_study_and_log_to_a_tracking_server(

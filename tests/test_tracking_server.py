@@ -1,0 +1,107 @@
+"""Every flow through a real `mlflow server` (SQL backend, proxied artifacts, 127.0.0.1), as a team runs carsml:
+training, k-fold, features_rf, tuning with nested trials, promote into the server's registry, and
+`mlflow models serve` pulling the champion from the server. Nothing is written to a local store.
+
+One server and one set of runs per module (the colour dataset learns in one epoch); the server is stopped afterwards.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from carsml.cli import run_experiment
+from tests.conftest import mlflow_server
+from tests.test_promote import COLOURS, NET, RF, build_store, tracking_env
+from tests.test_serving import Server, frame
+
+TINY_KFOLD = {"image_size": 32, "head_widths": "32", "epochs": 1, "batch_size": 8, "device": "cpu", "folds": 2}
+TINY_TUNE = {"image_size": 32, "head_widths": "32", "epochs": 1, "batch_size": 8, "device": "cpu", "n_trials": 2,
+             "pruner": "none", "study_name": "server-flow"}
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[dict[str, Any]]:
+    """A server, and through it: a good resnet50 transfer run + its features_rf run, a k-fold, a tuning study and
+    a promotion. Yields the run ids, the server URL and its folder."""
+    folder = tmp_path_factory.mktemp("server")
+    with mlflow_server(folder) as url:
+        store = build_store(folder, cache_dir, weak_run=False, uri=url)
+        with tracking_env(url, folder, cache_dir):
+            store["kfold"] = run_experiment("kfold_baseline", {**TINY_KFOLD, "data": str(store["data"])})
+            store["kfold_id"] = mlflow.last_active_run().info.run_id
+            store["tune"] = run_experiment("tune", {**TINY_TUNE, "data": str(store["data"]),
+                                                    "storage": f"sqlite:///{folder}/optuna.db"})
+            store["promotion"] = run_experiment("promote", {})
+        yield {**store, "url": url}
+
+
+def test_runs_and_their_artifacts_live_on_the_server_only(flow: dict[str, Any]) -> None:
+    client = MlflowClient(flow["url"])
+    good = client.get_run(flow["good"])
+    assert good.info.status == "FINISHED" and good.info.artifact_uri.startswith("mlflow-artifacts:")
+    tables = {a.path for a in client.list_artifacts(flow["good"], "tables")}
+    assert "tables/history.csv" in tables  # the run's files went through the server's artifact proxy
+    local = Path(client.download_artifacts(flow["good"], "tables/history.csv", str(flow["folder"] / "dl")))
+    assert local.read_text().startswith("epoch")  # and come back from it
+    served_files = list((flow["folder"] / "artifacts").rglob("*"))
+    assert any(p.name == "MLmodel" for p in served_files)  # the logged models are in the server's artifact store
+    assert not (flow["folder"] / "mlruns").exists() and not (flow["folder"] / "mlflow.db").exists()
+    rf = client.get_run(flow["rf"])
+    assert rf.info.status == "FINISHED" and rf.data.tags["carsml.source_run_id"] == flow["good"]
+
+
+def test_kfold_parent_and_fold_children_through_the_server(flow: dict[str, Any]) -> None:
+    client = MlflowClient(flow["url"])
+    parent = client.get_run(flow["kfold_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert "cv_test_acc_mean" in parent.data.metrics
+
+
+def test_tuning_trials_are_nested_runs_on_the_server(flow: dict[str, Any]) -> None:
+    client = MlflowClient(flow["url"])
+    parent = client.get_run(flow["tune"].parent_run_id)
+    trials = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert parent.info.status == "FINISHED" and len(trials) == 2
+    assert {t.info.status for t in trials} <= {"FINISHED", "KILLED"}
+
+
+def test_promote_registers_on_the_server_and_again_changes_nothing(flow: dict[str, Any], cache_dir: Path) -> None:
+    client = MlflowClient(flow["url"])
+    net = client.get_model_version_by_alias(NET, "champion")
+    assert net.run_id == flow["good"] and client.get_model_version_by_alias(RF, "champion").version == "1"
+    with tracking_env(flow["url"], flow["folder"], cache_dir):
+        again = run_experiment("promote", {})
+    assert not again.created and not again.rf_created and not again.champion.moved
+    assert [v.version for v in client.search_model_versions(f"name = '{NET}'")] == ["1"]
+
+
+def test_mlflow_models_serve_pulls_the_champion_from_the_server(flow: dict[str, Any]) -> None:
+    server = Server(f"models:/{NET}@champion", flow["url"], flow["folder"] / "serve.log")
+    try:
+        server.wait_ready()
+        images = []
+        for colour in COLOURS:
+            buf = io.BytesIO()
+            Image.fromarray(np.full((40, 40, 3), colour, dtype=np.uint8)).save(buf, format="PNG")
+            images.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+        response = server.post(frame(images))
+        assert response.status_code == 200, response.text
+        labels = [row["label"] for row in response.json()["predictions"]]
+        assert labels == [f"colour_{i}" for i in range(len(COLOURS))]
+    finally:
+        server.stop()
+    assert os.path.getsize(flow["folder"] / "serve.log") > 0
