@@ -10,6 +10,11 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from carsml.cli import run_experiment
-from tests.conftest import mlflow_server
+from tests.conftest import REPO, mlflow_server
 from tests.test_promote import COLOURS, NET, RF, build_store, tracking_env
 from tests.test_serving import Server, frame
 
@@ -105,3 +110,49 @@ def test_mlflow_models_serve_pulls_the_champion_from_the_server(flow: dict[str, 
     finally:
         server.stop()
     assert os.path.getsize(flow["folder"] / "serve.log") > 0
+
+
+def test_a_run_killed_on_one_machine_resumes_on_another_through_the_server(
+        flow: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGKILL after the third epoch, then resume with another cache folder (another machine: the killed one's
+    checkpoint folder is gone): the checkpoints come from the run's artifacts on the server, the same run finishes
+    with every epoch logged once, and its checkpoint artifacts are deleted."""
+    epochs = 10
+    options = {"image_size": 32, "head_widths": "32", "epochs": epochs, "batch_size": 8, "device": "cpu",
+               "log_model": False, "data": str(flow["data"]), "synth_classes": 4}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", flow["url"])
+    monkeypatch.setenv("CARSML_CACHE", str(tmp_path / "machine-a"))
+    client = MlflowClient(flow["url"])
+    experiment = client.get_experiment_by_name("stanford-cars").experiment_id
+    before = {r.info.run_id for r in client.search_runs([experiment])}
+    cli = [sys.executable, "-m", "carsml.cli", "improved",
+           *sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in options.items()), [])]
+    proc = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    run_id, deadline = None, time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            new = [r for r in client.search_runs([experiment]) if r.info.run_id not in before]
+            if new and len(client.get_metric_history(new[0].info.run_id, "val_acc")) >= 3:
+                run_id = new[0].info.run_id
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert run_id, "training finished or timed out before it could be killed mid-way"
+    assert {Path(a.path).name for a in client.list_artifacts(run_id, "checkpoints")} >= {"last.pt", "best.pt"}
+    shutil.rmtree(tmp_path / "machine-a")  # machine A is gone with its cache
+
+    monkeypatch.setenv("CARSML_CACHE", str(tmp_path / "machine-b"))
+    monkeypatch.chdir(tmp_path)
+    run_experiment("improved", {"resume_run_id": run_id, "cache_dir": str(tmp_path / "machine-b")})
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("train_loss", "val_acc", "lr"):
+        assert [m.step for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)] == \
+            list(range(1, epochs + 1)), key
+    assert run.data.tags["carsml.checkpoint_dir"].startswith(str(tmp_path / "machine-b"))
+    assert client.list_artifacts(run_id, "checkpoints") == []  # a finished run keeps only its results

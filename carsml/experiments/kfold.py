@@ -25,6 +25,7 @@ from carsml.progress import planned_fits
 from carsml.tracking import figures
 from carsml.tracking import tags as tag
 from carsml.tracking.artifacts import log_confusion_matrix
+from carsml.tracking.checkpoints import fetch_checkpoints
 from carsml.tracking.epochs import epoch_key
 from carsml.tracking.runs import log_csv, log_dataset, log_figure, log_metrics, set_tags, setup_tracking, start_run
 from carsml.tracking.search import child_runs, get_run, metric_history
@@ -71,7 +72,9 @@ def run(cfg: dict[str, Any]) -> pd.DataFrame:
                     histories.append(_history_of(child.info.run_id))
                     continue
                 ckpt_tag = child.data.tags.get(tag.CHECKPOINT_DIR, "") if child is not None else ""
-                resume = bool(ckpt_tag) and (Path(ckpt_tag) / "last.pt").is_file()
+                resume = child is not None and (
+                    (bool(ckpt_tag) and (Path(ckpt_tag) / "last.pt").is_file())
+                    or fetch_checkpoints(child.info.run_id, cache_root(cfg) / "checkpoints" / child.info.run_id))
                 with start_run(cfg["entry_point"], cfg, run_name=f"{cfg['entry_point']}-fold{fold}", nested=True,
                                resume_run_id=child.info.run_id if resume else "",
                                tags={tag.FOLD: str(fold), tag.PARENT_RUN_ID: parent.info.run_id,

@@ -33,6 +33,7 @@ from carsml.progress import progress_bar
 from carsml.tracking import figures
 from carsml.tracking import tags as tag
 from carsml.tracking.artifacts import log_confusion_matrix
+from carsml.tracking.checkpoints import CheckpointArtifacts, drop_checkpoints, fetch_checkpoints, shares_checkpoints
 from carsml.tracking.epochs import MlflowMetrics
 from carsml.tracking.models import log_model
 from carsml.tracking.runs import (
@@ -149,8 +150,9 @@ def fit_and_log(
                                mixup=cfg.get("mixup", 0.0), cutmix=cfg.get("cutmix", 0.0))
     eval_tf = build_transform("none", size=size, mean=data_cfg["mean"], std=data_cfg["std"])
     n_params = count_parameters(model)
+    shared = (CheckpointArtifacts(run_id, checkpoint_dir),) if checkpoint_dir and shares_checkpoints() else ()
     result = fit(model, train, val, tc, train_transform=train_tf, eval_transform=eval_tf, test=test,
-                 callbacks=(MlflowMetrics(run_id), RichProgress(), *callbacks),
+                 callbacks=(*shared, MlflowMetrics(run_id), RichProgress(), *callbacks),
                  checkpoint_dir=checkpoint_dir, resume=resume)
     model.load_state_dict(result.best_state_dict)
     history = pd.DataFrame(result.history)
@@ -182,6 +184,7 @@ def fit_and_log(
     if checkpoint_dir is not None and not cfg.get("keep_checkpoints", False):
         # finished: the run holds the best model; checkpoints (GBs for large nets) only serve a resume
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        drop_checkpoints(run_id)
     return Trained(result, test_result, finals, history, model_uri)
 
 
@@ -202,10 +205,14 @@ def resume_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], Path]:
     if run.data.tags.get(tag.ENTRY_POINT) != cfg["entry_point"]:
         raise ConfigError(f"resume_run_id={run_id!r} is a {run.data.tags.get(tag.ENTRY_POINT)!r} run, "
                           f"not {cfg['entry_point']!r}")
-    folder = Path(run.data.tags.get(tag.CHECKPOINT_DIR, ""))
-    if not (folder / "last.pt").is_file():
-        raise CarsmlError(f"resume_run_id={run_id!r}: no checkpoint at {folder / 'last.pt'}")
     resumed = config_from_run(run, {"resume_run_id": run_id})
+    folder = Path(run.data.tags.get(tag.CHECKPOINT_DIR, ""))
+    if not (folder / "last.pt").is_file():  # another machine's cache: the run's checkpoint artifacts, if any
+        folder = cache_root(resumed) / "checkpoints" / run_id
+        if not fetch_checkpoints(run_id, folder):
+            raise CarsmlError(f"resume_run_id={run_id!r}: no checkpoint at {run.data.tags.get(tag.CHECKPOINT_DIR)}"
+                              f"/last.pt nor among the run's artifacts (with a tracking server every epoch's "
+                              f"checkpoint is logged there: docs/tracking.md)")
     return resumed, folder
 
 
@@ -294,7 +301,7 @@ def train_in_run(cfg: dict[str, Any], dataset: Dataset, model: Any, splits: Spli
     run_id = active_run_id()
     if checkpoint_dir is None:
         checkpoint_dir = cache_root(cfg) / "checkpoints" / run_id
-        set_tags({tag.CHECKPOINT_DIR: checkpoint_dir})
+    set_tags({tag.CHECKPOINT_DIR: checkpoint_dir})  # a resume on another machine moves them
     if not resume:
         log_dataset(dataset, splits.train_rows.table, "train")
         if splits.test_rows is not None:
