@@ -116,6 +116,7 @@ class RunOptions:
     resume_run_id: str | None
     keep_checkpoints: bool
     log_model: bool
+    system_metrics: bool
 
 
 @dataclass(frozen=True)

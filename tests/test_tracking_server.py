@@ -156,3 +156,21 @@ def test_a_run_killed_on_one_machine_resumes_on_another_through_the_server(
             list(range(1, epochs + 1)), key
     assert run.data.tags["carsml.checkpoint_dir"].startswith(str(tmp_path / "machine-b"))
     assert client.list_artifacts(run_id, "checkpoints") == []  # a finished run keeps only its results
+
+
+def test_the_champion_is_a_logged_model_whose_metrics_name_their_dataset(flow: dict[str, Any]) -> None:
+    """MLflow 3's model-centred view: the selected model's validation / test metrics are logged against its
+    LoggedModel and the run's dataset inputs; promote ranked LoggedModels by validation accuracy; the registered
+    version is that LoggedModel."""
+    client = MlflowClient(flow["url"])
+    version = client.get_model_version_by_alias(NET, "champion")
+    good = client.get_run(flow["good"])
+    model_id = good.data.tags["carsml.model_uri"].removeprefix("models:/")
+    assert version.source == f"models:/{model_id}"  # the version is that LoggedModel (the UI links the two)
+    logged = client.get_logged_model(model_id)
+    assert (logged.tags["carsml.model"], logged.tags["carsml.entry_point"]) == ("resnet50", "transfer")
+    by_key = {m.key: m for m in logged.metrics}
+    assert by_key["best_val_acc"].value == good.data.metrics["best_val_acc"]
+    assert by_key["best_val_acc"].dataset_name == "stanford-cars-train"  # validation: held out of the train split
+    assert by_key["test_acc"].dataset_name == "stanford-cars-test"
+    assert len(client.get_metric_history(flow["good"], "test_acc")) == 1  # logged once, for the run and the model

@@ -158,3 +158,17 @@ def test_sigkill_then_resume_continues_the_same_run(isolated: Path) -> None:
     for key in EPOCH_METRICS:
         assert _steps(run_id, key) == list(range(1, epochs + 1)), key  # every epoch step exactly once
     assert "test_acc" in resumed.data.metrics
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_training_runs_log_system_metrics_unless_switched_off(on: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    run_experiment("baseline", {**TINY, "epochs": 3, "log_model": False, "system_metrics": on})
+    (run,) = _runs()
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert run.data.params["system_metrics"] == str(on)
+    if on:
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
+    else:
+        assert not system

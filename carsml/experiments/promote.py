@@ -1,7 +1,8 @@
 """Promote the best fine-tuned ResNet-50 and its RandomForest head to the model registry.
 
-The best finished resnet50 `transfer` run of the experiment — by VALIDATION accuracy (`best_val_acc`; ties: lower
-`best_val_loss`, then the earlier run), never test — is registered as `model_name` (default carsml-resnet50), and
+The best finished resnet50 `transfer` run of the experiment — by the VALIDATION accuracy of its LoggedModel
+(`best_val_acc`, found with `search_logged_models`; ties: lower `best_val_loss`, then the earlier run), never test —
+is registered as `model_name` (default carsml-resnet50), and
 the best `features_rf` run built on it (`carsml.backbone_run_id`; best `rf_val_acc`) as `rf_model_name` (default
 carsml-resnet50-rf). Both are image → label pyfunc models, served alike by `mlflow models serve`.
 
@@ -24,7 +25,7 @@ from carsml.tracking import registry
 from carsml.tracking import tags as tag
 from carsml.tracking.registry import AliasDecision
 from carsml.tracking.runs import log_metrics, set_tags, setup_tracking, start_run
-from carsml.tracking.search import experiment_id, search_runs, tracking_uri
+from carsml.tracking.search import experiment_id, get_run, search_models, search_runs, tracking_uri
 
 BACKBONE = "resnet50"
 DESCRIPTIONS = {
@@ -66,10 +67,13 @@ def _is_backbone(model_tag: str) -> bool:
 
 
 def best_backbone_run(experiment_id: str, experiment_name: str) -> Run:
-    """The finished resnet50 `transfer` run with a logged model and the best validation accuracy."""
-    query = f"tags.`{tag.ENTRY_POINT}` = 'transfer' and attributes.status = 'FINISHED'"
-    candidates = [r for r in search_runs([experiment_id], query)
-                  if _is_backbone(r.data.tags.get(tag.MODEL, "")) and r.data.tags.get(tag.MODEL_URI)
+    """The finished resnet50 `transfer` run whose LoggedModel has the best validation accuracy: the experiment's
+    LoggedModels ranked by their `best_val_acc` (`search_logged_models`), each the selected model of its run."""
+    models = search_models([experiment_id], f"tags.`{tag.ENTRY_POINT}` = 'transfer'", "best_val_acc")
+    runs = {m.source_run_id: get_run(m.source_run_id, "source run") for m in models
+            if _is_backbone(m.tags.get(tag.MODEL, "")) and m.source_run_id}
+    candidates = [r for r in runs.values()
+                  if r.info.status == "FINISHED" and r.data.tags.get(tag.MODEL_URI)
                   and _metric(r, "best_val_acc") is not None]
     if not candidates:
         raise CarsmlError(f"promote: experiment {experiment_name!r} (tracking URI {tracking_uri()}) has no "

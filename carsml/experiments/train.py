@@ -35,7 +35,7 @@ from carsml.tracking import tags as tag
 from carsml.tracking.artifacts import log_confusion_matrix
 from carsml.tracking.checkpoints import CheckpointArtifacts, drop_checkpoints, fetch_checkpoints, shares_checkpoints
 from carsml.tracking.epochs import MlflowMetrics
-from carsml.tracking.models import log_model
+from carsml.tracking.models import log_model, log_model_metrics
 from carsml.tracking.runs import (
     active_run_id,
     in_run,
@@ -126,6 +126,11 @@ def info_for(model: Any, class_names: list[str], image_size: int, **extra: Any) 
             "mean": list(data_cfg["mean"]), "std": list(data_cfg["std"]), **extra}
 
 
+# Metrics of the selected model, by the dataset input they were measured on (validation: the held-out part of train).
+MODEL_METRICS = {"train": ("best_val_acc", "best_val_loss"),
+                 "test": ("test_acc", "test_loss", "test_top5", "test_macro_f1", "test_correct", "test_errors")}
+
+
 def fit_and_log(
     cfg: dict[str, Any],
     model: Any,
@@ -168,7 +173,9 @@ def fit_and_log(
                        "test_macro_f1": test_result.macro_f1,
                        "test_correct": float((test_result.preds == test_result.labels).sum()),
                        "test_errors": float((test_result.preds != test_result.labels).sum())})
-    log_metrics(finals)
+    # the selected model's validation and test results belong to the logged model: logged with it (below)
+    of_model = {ctx: {k: finals[k] for k in keys if k in finals} for ctx, keys in MODEL_METRICS.items()}
+    log_metrics({k: v for k, v in finals.items() if not any(k in m for m in of_model.values())})
     log_csv(history, "tables/history.csv")
     log_figure(figures.training_curves(history, title=f"{cfg['model']} — {cfg['entry_point']}"),
                "figures/curves.png")
@@ -181,6 +188,11 @@ def fit_and_log(
         info = info_for(model, class_names, cfg["image_size"], source_run_id=run_id, use_boxes=bool(cfg["use_boxes"]),
                         crop_margin=float(cfg["crop_margin"]), **(info_extra or {}))
         model_uri = log_model(model.cpu(), info, examples)
+    for context, metrics in of_model.items():
+        if metrics and model_uri:
+            log_model_metrics(model_uri, metrics, context)
+        elif metrics:
+            log_metrics(metrics)
     if checkpoint_dir is not None and not cfg.get("keep_checkpoints", False):
         # finished: the run holds the best model; checkpoints (GBs for large nets) only serve a resume
         shutil.rmtree(checkpoint_dir, ignore_errors=True)

@@ -124,7 +124,22 @@ def log_model(model: torch.nn.Module, info: dict[str, Any], example_images: np.n
             pip_requirements=_requirements(),
         )
     mlflow.set_tag(f"carsml.{name}_uri", logged.model_uri)
+    run_tags = mlflow.get_run(logged.run_id).data.tags  # what the model is, searchable with search_logged_models
+    mlflow.set_logged_model_tags(logged.model_id, {k: run_tags[k] for k in MODEL_TAGS if k in run_tags})
     return logged.model_uri
+
+
+MODEL_TAGS = ("carsml.entry_point", "carsml.model", "carsml.fold", "carsml.data_digest")
+
+
+def log_model_metrics(model_uri: str, metrics: dict[str, float], context: str) -> None:
+    """Log `metrics` of the active run's LoggedModel `model_uri` against it and against the run's dataset input of
+    `context` ("train": the official train split, of which validation is the held-out part; "test"), so the model's
+    page shows them with their dataset; they are the run's metrics too (logged once)."""
+    run = mlflow.get_run(mlflow.active_run().info.run_id)
+    dataset = next((d.dataset for d in run.inputs.dataset_inputs
+                    if any(t.key == "mlflow.data.context" and t.value == context for t in d.tags)), None)
+    mlflow.log_metrics(metrics, model_id=model_uri.removeprefix("models:/"), dataset=dataset)
 
 
 def _requirements() -> list[str]:

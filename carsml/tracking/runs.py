@@ -234,6 +234,7 @@ def start_run(
 
     Inside `steps_of(parent)` (the study), an entry point's own run is a child of that parent."""
     setup_tracking()
+    system = bool(cfg.get("system_metrics", False))  # training runs: CPU / GPU / memory as system/* metrics
     active_now = mlflow.active_run()
     is_step = _STEPS_OF is not None and active_now is not None and active_now.info.run_id == _STEPS_OF
     nested = nested or is_step
@@ -248,12 +249,12 @@ def start_run(
         resumed = MlflowClient().get_run(resume_run_id)  # raises a clear MlflowException for unknown ids
         if not nested:  # children created after a resume must land in the resumed run's experiment
             mlflow.set_experiment(experiment_id=resumed.info.experiment_id)
-        active = mlflow.start_run(run_id=resume_run_id, nested=nested)
+        active = mlflow.start_run(run_id=resume_run_id, nested=nested, log_system_metrics=system)
     elif launched_run or nested:
-        active = mlflow.start_run(run_name=run_name or entry_point, nested=nested)
+        active = mlflow.start_run(run_name=run_name or entry_point, nested=nested, log_system_metrics=system)
     else:
         mlflow.set_experiment(cfg.get("experiment_name") or "stanford-cars")
-        active = mlflow.start_run(run_name=run_name or entry_point)
+        active = mlflow.start_run(run_name=run_name or entry_point, log_system_metrics=system)
     with active:
         if is_step:
             _STEP_RUNS.append(active.info.run_id)

@@ -83,6 +83,14 @@ def experiment_names() -> list[str]:
     return sorted(e.name for e in mlflow.search_experiments())
 
 
+def search_models(experiment_ids: list[str], filter_string: str, order_by: str) -> list[Any]:
+    """LoggedModels matching `filter_string` (e.g. on `tags.`carsml.model``), best first by metric `order_by`
+    (descending), through MLflow 3's `search_logged_models`."""
+    return mlflow.search_logged_models(experiment_ids=experiment_ids, filter_string=filter_string,
+                                       order_by=[{"field_name": f"metrics.{order_by}", "ascending": False}],
+                                       output_format="list")
+
+
 def search_runs(experiment_ids: list[str], filter_string: str = "", order_by: list[str] | None = None,
                 max_results: int = 50_000) -> list[Run]:
     """Runs matching `filter_string`, all pages."""
