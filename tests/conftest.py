@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -206,3 +206,22 @@ def mlflow_server(folder: Path, startup_s: float = 180) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=20)
+
+
+def kill_when(proc: subprocess.Popen, ready: Callable[[], str | None], timeout_s: float = 900) -> str | None:
+    """Poll `ready()` until it returns a run id, then SIGKILL `proc`'s process group (started with
+    start_new_session=True); returns that run id, or None when the process ended or the deadline passed first. The
+    deadline is only a ceiling for a stuck process: a slow machine just takes longer."""
+    deadline, run_id = time.monotonic() + timeout_s, None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            run_id = ready()
+            if run_id:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    return run_id

@@ -102,7 +102,7 @@ def test_a_recipe_run_trains_from_the_larger_cache(tmp_path: Path) -> None:
                                 "cache_dir": str(cache)})
     params = mlflow.last_active_run().data.params
     assert (params["recipe"], params["augmentation"], params["cache_scale"]) == ("carsml", "crop", "1.5")
-    assert params["optimizer"] == "adamw" and params["decay_norm_bias"] == "False"
+    assert params["optimizer"] == "adamw" and params["decay_norm_bias"] == "false"
     sides = sorted(np.load(f, mmap_mode="r").shape[1] for f in cache.glob("decoded/*/images.npy"))
     size = TINY["image_size"]
     assert sides == [size, size, round(size * 1.5)]  # train and test at the model size, train again for augmentation

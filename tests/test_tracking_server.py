@@ -11,10 +11,8 @@ import base64
 import io
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from carsml.cli import run_experiment
-from tests.conftest import REPO, mlflow_server
+from tests.conftest import REPO, kill_when, mlflow_server
 from tests.test_promote import COLOURS, NET, RF, build_store, tracking_env
 from tests.test_serving import Server, frame
 
@@ -129,19 +127,13 @@ def test_a_run_killed_on_one_machine_resumes_on_another_through_the_server(
            *sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in options.items()), [])]
     proc = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
-    run_id, deadline = None, time.monotonic() + 600
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            new = [r for r in client.search_runs([experiment]) if r.info.run_id not in before]
-            if new and len(client.get_metric_history(new[0].info.run_id, "val_acc")) >= 3:
-                run_id = new[0].info.run_id
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+
+    def third_epoch_logged() -> str | None:
+        new = [r for r in client.search_runs([experiment]) if r.info.run_id not in before]
+        return new[0].info.run_id if new and len(client.get_metric_history(new[0].info.run_id, "val_acc")) >= 3 \
+            else None
+
+    run_id = kill_when(proc, third_epoch_logged)
     assert run_id, "training finished or timed out before it could be killed mid-way"
     assert {Path(a.path).name for a in client.list_artifacts(run_id, "checkpoints")} >= {"last.pt", "best.pt"}
     shutil.rmtree(tmp_path / "machine-a")  # machine A is gone with its cache

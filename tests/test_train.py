@@ -4,10 +4,8 @@ run exists, and resume after SIGKILL continuing the same MLflow run with every e
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -17,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from carsml.cli import run_experiment
 from carsml.errors import CarsmlError, ConfigError
-from tests.conftest import TINY, TRAINED_RUN, VARIANT
+from tests.conftest import TINY, TRAINED_RUN, VARIANT, kill_when
 
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_test_loss", "epoch_test_acc", "lr",
                  "epoch_seconds", "images_per_second")
@@ -130,20 +128,12 @@ def test_sigkill_then_resume_continues_the_same_run(isolated: Path) -> None:
            *sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in options.items()), [])]
     proc = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    deadline = time.monotonic() + 900
-    run_id = None
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            runs = _runs()
-            if runs and len(_steps(runs[0].info.run_id, "val_acc")) >= 3:
-                run_id = runs[0].info.run_id
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+
+    def third_epoch_logged() -> str | None:
+        runs = _runs()
+        return runs[0].info.run_id if runs and len(_steps(runs[0].info.run_id, "val_acc")) >= 3 else None
+
+    run_id = kill_when(proc, third_epoch_logged)
     assert run_id, "training finished or timed out before it could be killed mid-way"
     killed = MlflowClient().get_run(run_id)
     assert killed.info.status == "RUNNING"
@@ -167,7 +157,7 @@ def test_training_runs_log_system_metrics_unless_switched_off(on: bool, monkeypa
     run_experiment("baseline", {**TINY, "epochs": 3, "log_model": False, "system_metrics": on})
     (run,) = _runs()
     system = {k for k in run.data.metrics if k.startswith("system/")}
-    assert run.data.params["system_metrics"] == str(on)
+    assert run.data.params["system_metrics"] == str(on).lower()  # as `mlflow run -P` logs it
     if on:
         assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
     else:

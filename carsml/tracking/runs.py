@@ -189,7 +189,10 @@ def git_info() -> dict[str, str]:
 
 
 def param_text(value: Any) -> str:
-    """An option's value as carsml logs it as an MLflow param: None (unset) is the empty string."""
+    """An option's value as an MLflow param, the same whether carsml or `mlflow run -P` logs it: None (unset) is the
+    empty string, booleans are `true` / `false` (as in the MLproject and on the command line)."""
+    if isinstance(value, bool):
+        return str(value).lower()
     return "" if value is None else str(value)
 
 
