@@ -166,3 +166,16 @@ def test_the_champion_is_a_logged_model_whose_metrics_name_their_dataset(flow: d
     assert by_key["best_val_acc"].dataset_name == "stanford-cars-train"  # validation: held out of the train split
     assert by_key["test_acc"].dataset_name == "stanford-cars-test"
     assert len(client.get_metric_history(flow["good"], "test_acc")) == 1  # logged once, for the run and the model
+
+
+def test_the_ui_tells_runs_apart_by_name_and_description(flow: dict[str, Any]) -> None:
+    """Read back through the server's REST API, as the UI does: fold runs named by their fold first, and every
+    training run described by its key result."""
+    client = MlflowClient(flow["url"])
+    parent = client.get_run(flow["kfold_id"])
+    folds = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(f.info.run_name for f in folds) == ["fold 0 · baseline_cnn", "fold 1 · baseline_cnn"]
+    assert parent.data.tags["mlflow.note.content"].startswith("2-fold CV of baseline_cnn · test acc ")
+    for run in (*folds, client.get_run(flow["good"])):
+        note = run.data.tags["mlflow.note.content"]
+        assert f"val acc {run.data.metrics['best_val_acc']:.4f}" in note and "selected" in note

@@ -27,7 +27,16 @@ from carsml.tracking import tags as tag
 from carsml.tracking.artifacts import log_confusion_matrix
 from carsml.tracking.checkpoints import fetch_checkpoints
 from carsml.tracking.epochs import epoch_key
-from carsml.tracking.runs import log_csv, log_dataset, log_figure, log_metrics, set_tags, setup_tracking, start_run
+from carsml.tracking.runs import (
+    describe,
+    log_csv,
+    log_dataset,
+    log_figure,
+    log_metrics,
+    set_tags,
+    setup_tracking,
+    start_run,
+)
 from carsml.tracking.search import child_runs, get_run, metric_history
 
 CV_METRICS = ("best_val_acc", "best_val_loss", "test_acc", "test_loss", "test_top5", "test_macro_f1", "train_seconds")
@@ -75,7 +84,7 @@ def run(cfg: dict[str, Any]) -> pd.DataFrame:
                 resume = child is not None and (
                     (bool(ckpt_tag) and (Path(ckpt_tag) / "last.pt").is_file())
                     or fetch_checkpoints(child.info.run_id, cache_root(cfg) / "checkpoints" / child.info.run_id))
-                with start_run(cfg["entry_point"], cfg, run_name=f"{cfg['entry_point']}-fold{fold}", nested=True,
+                with start_run(cfg["entry_point"], cfg, run_name=f"fold {fold} · {cfg['model']}", nested=True,
                                resume_run_id=child.info.run_id if resume else "",
                                tags={tag.FOLD: str(fold), tag.PARENT_RUN_ID: parent.info.run_id,
                                      tag.MODEL: cfg["model"]}) as fold_run:
@@ -116,6 +125,9 @@ def _log_summary(table: pd.DataFrame, histories: list[pd.DataFrame], cfg: dict[s
             summary[f"cv_{metric}_mean"] = float(table[metric].mean())
             summary[f"cv_{metric}_std"] = float(table[metric].std(ddof=0))
     log_metrics(summary)
+    if "cv_test_acc_mean" in summary:
+        describe(f"{len(table)}-fold CV of {cfg['model']} · test acc {summary['cv_test_acc_mean']:.4f} ± "
+                 f"{summary['cv_test_acc_std']:.4f} (mean ± std over the folds)")
     log_csv(table, "tables/folds.csv", as_table=True)
     # mean curves over the epochs every fold reached (early stopping can shorten some folds)
     stacked = pd.concat(histories, keys=range(len(histories)), names=["fold"]).reset_index(level=0)

@@ -38,6 +38,7 @@ from carsml.tracking.epochs import MlflowMetrics
 from carsml.tracking.models import log_model, log_model_metrics
 from carsml.tracking.runs import (
     active_run_id,
+    describe,
     in_run,
     log_csv,
     log_dataset,
@@ -193,6 +194,9 @@ def fit_and_log(
             log_model_metrics(model_uri, metrics, context)
         elif metrics:
             log_metrics(metrics)
+    describe(f"{cfg['model']} · {cfg['entry_point']} · " + " · ".join(
+        f"{name} {finals[key]:.4f}" for name, key in (("val acc", "best_val_acc"), ("test acc", "test_acc"))
+        if key in finals) + f" · epoch {result.best_epoch} of {result.epochs_run} selected")
     if checkpoint_dir is not None and not cfg.get("keep_checkpoints", False):
         # finished: the run holds the best model; checkpoints (GBs for large nets) only serve a resume
         shutil.rmtree(checkpoint_dir, ignore_errors=True)

@@ -188,6 +188,11 @@ def git_info() -> dict[str, str]:
     return {"commit": commit, "dirty": str(bool(dirty)).lower()}
 
 
+def describe(text: str) -> None:
+    """The active run's description in the MLflow UI (`mlflow.note.content`): one line with its key result."""
+    mlflow.set_tag(tag.NOTE, text)
+
+
 def param_text(value: Any) -> str:
     """An option's value as an MLflow param, the same whether carsml or `mlflow run -P` logs it: None (unset) is the
     empty string, booleans are `true` / `false` (as in the MLproject and on the command line)."""

@@ -61,3 +61,4 @@ PARAM_IMPORTANCE = "carsml.param_importance"
 
 # study
 STEPS_REUSED = "carsml.steps_reused"  # the steps an invocation of the study reused instead of running
+NOTE = "mlflow.note.content"  # the run's description in the MLflow UI (a one-line key result)
