@@ -176,6 +176,10 @@ def test_the_ui_tells_runs_apart_by_name_and_description(flow: dict[str, Any]) -
     folds = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(f.info.run_name for f in folds) == ["fold 0 · baseline_cnn", "fold 1 · baseline_cnn"]
     assert parent.data.tags["mlflow.note.content"].startswith("2-fold CV of baseline_cnn · test acc ")
+    for fold in folds:  # each fold's model: its metrics tied to the fold run's own dataset inputs
+        logged = client.get_logged_model(fold.data.tags["carsml.model_uri"].removeprefix("models:/"))
+        assert {m.key: m.dataset_name for m in logged.metrics}["test_acc"] == "stanford-cars-test"
+        assert logged.tags["carsml.fold"] == fold.data.tags["carsml.fold"]
     for run in (*folds, client.get_run(flow["good"])):
         note = run.data.tags["mlflow.note.content"]
         assert f"val acc {run.data.metrics['best_val_acc']:.4f}" in note and "selected" in note

@@ -90,6 +90,10 @@ def run(cfg: dict[str, Any]) -> pd.DataFrame:
                                      tag.MODEL: cfg["model"]}) as fold_run:
                     ckpt = cache_root(cfg) / "checkpoints" / fold_run.info.run_id
                     set_tags({tag.CHECKPOINT_DIR: ckpt})
+                    if not resume:  # the fold's own data inputs, so its model's metrics name their dataset
+                        log_dataset(dataset, train_rows.table, "train")
+                        if test_rows is not None:
+                            log_dataset(dataset, test_rows.table, "test")
                     seed_everything(cfg["seed"] + fold)  # each fold's training randomness repeats
                     model = build_model(cfg, dataset.num_classes, seed=cfg["seed"] + fold)
                     trained = fit_and_log(cfg, model, dataset.class_names, augment.subset(train_idx),
