@@ -177,6 +177,8 @@ class TuneOptions:
     storage: str
     study_name: str
     load_if_exists: bool
+    heartbeat_interval: int | None  # None: no heartbeat
+    max_retry: int
 
 
 @dataclass(frozen=True)

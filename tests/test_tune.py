@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from carsml.experiments import tune
 from carsml.experiments.common import resolve_dataset
 from carsml.experiments.train import decode
 from carsml.tracking.runs import start_run
-from tests.conftest import REPO, mlflow_server
+from tests.conftest import REPO, kill_when, mlflow_server
 from tests.test_mlflow_run import mlflow_run
 from tests.test_promote import tracking_env, write_colour_dataset
 
@@ -297,3 +298,39 @@ def test_two_workers_share_one_study_and_log_to_a_tracking_server(
         assert len(mine) == 2 and parent.data.tags["optuna.study_name"] == "parallel"
     assert {c.info.run_id for c in children} == {t.user_attrs["mlflow_run_id"] for t in trials}
     assert str(REPO) not in storage  # nothing was written into the repository
+
+
+def test_a_killed_workers_trial_is_failed_and_retried_by_the_next_worker(
+        colours: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker A (its own process) is SIGKILLed inside its trial; worker B, started after two heartbeat intervals,
+    fails that trial (and its MLflow run), retries its parameters and completes the study's budget."""
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    params = {**TUNE, "data": str(colours), "storage": storage, "study_name": "killed", "pruner": "none",
+              "heartbeat_interval": 1, "max_retry": 1, "n_trials": 1, "epochs": 30}  # a trial lasts seconds
+    monkeypatch.chdir(tmp_path)
+    decode(load_config("tune", params), resolve_dataset(load_config("tune", params)), "train")  # warm the cache
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in params.items()]
+    worker_a = subprocess.Popen([sys.executable, "-m", "carsml.cli", "tune", *args], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    def trial_running() -> str | None:
+        try:
+            trials = optuna.load_study(study_name="killed", storage=storage).trials
+        except KeyError:  # the study does not exist yet
+            return None
+        running = [t for t in trials if t.state == States.RUNNING and "mlflow_run_id" in t.user_attrs]
+        return running[0].user_attrs["mlflow_run_id"] if running else None
+
+    killed_run = kill_when(worker_a, trial_running, timeout_s=600)
+    assert killed_run, "worker A ended before its trial could be killed"
+    time.sleep(2.5)  # past the grace period (two heartbeat intervals) without a heartbeat
+
+    result = run_experiment("tune", {**params, "n_trials": 2})  # worker B
+    trials = optuna.load_study(study_name="killed", storage=storage).trials
+    assert trials[0].state == States.FAIL  # A's trial, failed by B
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == trials[0].number]
+    assert len(retried) == 1 and retried[0].params == trials[0].params
+    assert sum(t.state == States.COMPLETE for t in trials) == 2 and len(result.states) == 2
+    killed = MlflowClient().get_run(killed_run)
+    assert killed.info.status == "FAILED" and "no heartbeat" in killed.data.tags["carsml.error"]

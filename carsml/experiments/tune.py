@@ -18,11 +18,14 @@ import json
 import logging
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
@@ -37,6 +40,7 @@ from carsml.progress import planned_fits
 from carsml.tracking import tags as tag
 from carsml.tracking.runs import (
     end_run,
+    fail_run,
     log_csv,
     log_dataset,
     log_figure,
@@ -121,15 +125,21 @@ def shown(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
-def open_storage(url: URL) -> optuna.storages.RDBStorage:
-    """Connect to (and create the tables of) an Optuna RDB storage, or raise a CarsmlError saying why not."""
+def open_storage(url: URL, heartbeat_interval: int | None = None, max_retry: int = 0) -> optuna.storages.RDBStorage:
+    """Connect to (and create the tables of) an Optuna RDB storage, or raise a CarsmlError saying why not. With a
+    heartbeat, a trial whose worker fell silent for two intervals is failed (its MLflow run too) and retried up to
+    `max_retry` times with the same parameters."""
     kwargs: dict[str, Any] = {}
+    if heartbeat_interval is not None:
+        kwargs.update(heartbeat_interval=heartbeat_interval, heartbeat_stale_trial_callback=_retry_stale(max_retry))
     if url.get_backend_name() == "sqlite":
         if not Path(url.database).parent.is_dir():
             raise CarsmlError(f"storage={shown(url)!r}: folder {Path(url.database).parent} does not exist")
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT_S}}
     try:
-        return optuna.storages.RDBStorage(url.render_as_string(hide_password=False), **kwargs)
+        with warnings.catch_warnings():  # the heartbeat is experimental in Optuna 5.0
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url.render_as_string(hide_password=False), **kwargs)
     except ImportError as exc:
         raise CarsmlError(f"storage={shown(url)!r}: the database driver for {url.drivername!r} is not installed "
                           f"({exc}); e.g. `pip install psycopg2-binary` for PostgreSQL, `pymysql` for MySQL") from None
@@ -137,6 +147,22 @@ def open_storage(url: URL) -> optuna.storages.RDBStorage:
         reason = str(exc).splitlines()[0]
         raise CarsmlError(f"storage={shown(url)!r}: cannot open the Optuna storage ({reason}); expected a reachable "
                           f"database URL such as sqlite:///optuna.db or postgresql://user@host/optuna") from None
+
+
+def _retry_stale(max_retry: int) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """Optuna's stale-trial callback: end the stale trial's MLflow run FAILED, then retry its parameters."""
+    with warnings.catch_warnings():  # experimental in Optuna 5.0, and the documented way to retry such trials
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            fail_run(run_id, f"trial {trial.number}: no heartbeat from its worker for two intervals (killed?); "
+                             "retried with the same parameters")
+        retry(study, trial)
+
+    return callback
 
 
 def make_sampler(cfg: dict[str, Any], seed: int) -> optuna.samplers.BaseSampler:
@@ -170,6 +196,10 @@ def check_options(cfg: dict[str, Any]) -> SearchSpace:
         raise ConfigError(f"timeout={cfg['timeout']!r}: expected a positive number of seconds (empty = no limit)")
     if cfg["n_trials"] == 0 and cfg["timeout"] is None:
         raise ConfigError("n_trials=0 and no timeout: the study would never stop; set n_trials or timeout")
+    if cfg["heartbeat_interval"] is not None and cfg["heartbeat_interval"] < 1:
+        raise ConfigError(f"heartbeat_interval={cfg['heartbeat_interval']!r}: expected seconds >= 1 (empty = off)")
+    if cfg["max_retry"] < 0:
+        raise ConfigError(f"max_retry={cfg['max_retry']!r}: expected a number >= 0")
     if cfg["sampler_seed"] is not None and cfg["sampler_seed"] < 0:
         raise ConfigError(f"sampler_seed={cfg['sampler_seed']!r}: expected a seed >= 0 (empty = derived)")
     if not str(cfg["study_name"]).strip():
@@ -186,7 +216,7 @@ def study_settings(cfg: dict[str, Any], dataset: Dataset) -> dict[str, Any]:
 
 def open_study(cfg: dict[str, Any], url: URL, settings: dict[str, Any]) -> tuple[optuna.Study, int]:
     """Create or load the study (checked against `settings`); returns it with the sampler seed used."""
-    storage = open_storage(url)
+    storage = open_storage(url, cfg["heartbeat_interval"], cfg["max_retry"])
     name = str(cfg["study_name"]).strip()
     try:
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize",

@@ -393,6 +393,13 @@ def delete_run(run_id: str) -> None:
     MlflowClient().delete_run(run_id)
 
 
+def fail_run(run_id: str, reason: str) -> None:
+    """End run `run_id` (not the active one: e.g. a killed worker's) as FAILED, recording `reason` as carsml.error."""
+    client = MlflowClient()
+    client.set_tag(run_id, tag.ERROR, reason[:5000])
+    client.set_terminated(run_id, "FAILED")
+
+
 def end_run(status: str) -> None:
     """End the active run with `status` (FINISHED, FAILED, KILLED) — only that run, not a parent."""
     mlflow.end_run(status)
