@@ -54,7 +54,7 @@ class Bench:
         self.rows: list[dict[str, Any]] = []
         self.ids: dict[str, str] = {}
         self.tta_note = ""
-        self.common = {"data": str(args.data), "max_classes": args.classes, "image_size": args.size,
+        self.common = {"data": str(args.data), "max_classes": args.classes or None, "image_size": args.size,
                        "epochs": args.epochs, "experiment_name": EXPERIMENT, "device": args.device}
 
     def carsml(self, name: str, entry: str, options: dict[str, Any]) -> None:
