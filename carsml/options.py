@@ -346,7 +346,7 @@ def option_types(entry: str) -> dict[str, OptionType]:
     return out
 
 
-def _coerce_text(name: str, kind: OptionType, value: Any) -> Any:
+def coerce(name: str, kind: OptionType, value: Any) -> Any:
     """`value` (often a string from the command line or an MLflow param) as `kind`, or ConfigError."""
     if value is None or (kind.optional and isinstance(value, str) and value.strip() in ("", "''", "None")):
         if kind.optional:
@@ -384,8 +384,6 @@ def _parse(name: str, kind: OptionType, text: str) -> Any:
         raise ConfigError(f"Option {name!r}: expected {kind.name}; got {text!r}") from None
     return text
 
-
-coerce = _coerce_text
 
 
 @dataclass(frozen=True)
