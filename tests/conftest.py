@@ -172,9 +172,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path, startup_s: float = 180) -> Iterator[str]:
+def mlflow_server(folder: Path, startup_s: float = 180, proxy: bool = True) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 (SQLite backend in `folder`, artifacts proxied into `folder/artifacts`, as
-    docs/tracking.md starts it); yields its URL and stops its whole process group afterwards, whatever happens."""
+    docs/tracking.md starts it; `proxy=False`: clients write `folder/artifacts` themselves, `--no-serve-artifacts`);
+    yields its URL and stops its whole process group afterwards, whatever happens."""
     port = free_port()
     bin_dir = Path(sys.executable).parent  # mlflow and its gunicorn/uvicorn from the venv
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
@@ -183,7 +184,8 @@ def mlflow_server(folder: Path, startup_s: float = 180) -> Iterator[str]:
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [str(bin_dir / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder}/server.db",
-             "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts",
+             *(["--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts"] if proxy else
+               ["--default-artifact-root", str(folder / "artifacts"), "--no-serve-artifacts"]),
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://127.0.0.1:{port}"

@@ -304,7 +304,7 @@ def test_a_request_with_good_and_bad_rows_is_refused_as_a_whole_naming_the_bad_r
     assert error.message.startswith("2 of 4 row(s) have a bad `image` (row 1, 3); the request was refused as a "
                                     "whole, nothing was predicted: ")
     assert "row 1: `image` is not valid base64" in error.message
-    assert "row 3: `image` must be a non-empty base64 string" in error.message
+    assert "row 3: `image` must be the non-empty bytes of a JPEG or PNG file" in error.message
     assert "row 0" not in error.message and "row 2" not in error.message
     good = decode_images(frame["image"].iloc[[0, 2]], 8)  # the good rows alone decode
     assert good.shape == (2, 8, 8, 3) and good.dtype == np.uint8

@@ -24,6 +24,7 @@ from PIL import Image
 from carsml.cli import run_experiment
 from carsml.errors import CarsmlError, ConfigError
 from carsml.tracking import registry
+from carsml.tracking.models import resolve_model_uri
 from carsml.tracking.runs import start_run
 from tests.test_mlflow_run import mlflow_run
 
@@ -207,3 +208,18 @@ def test_bad_model_names_fail_before_anything(overrides: dict[str, str], fragmen
     with pytest.raises(ConfigError, match=fragment):
         run_experiment("promote", overrides)
     assert not (isolated / "mlflow.db").exists()  # the tracking store (and registry) was not even opened
+
+
+def test_a_registry_alias_version_or_name_that_does_not_exist_is_one_clear_error(store: dict[str, Any]) -> None:
+    """`models:/…@alias` (or `/version`) given to an analysis names what the registry does have, before any run."""
+    run_experiment("promote", {})
+    before = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+    cases = {f"models:/{NET}@best": rf"{NET!r} has no alias 'best'; its aliases: @champion \(version 1\)",
+             f"models:/{NET}/7": rf"{NET!r} has no version '7'",
+             "models:/carsml-resnet5@champion": rf"no registered model 'carsml-resnet5' .*registered: {NET}, {RF}"}
+    for uri, message in cases.items():
+        with pytest.raises(CarsmlError, match=message):
+            run_experiment("tta", {"run_id": uri})
+    assert len(MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])) == \
+        len(before)
+    assert resolve_model_uri(f"models:/{NET}@champion") == f"models:/{NET}@champion"

@@ -9,7 +9,6 @@ model and TTA use come from the same inference path.
 from __future__ import annotations
 
 import base64
-import json
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +103,7 @@ def served_probs(out: pd.DataFrame) -> np.ndarray:
     """The full probability vectors of a pyfunc answer (3 classes: top-5 lists them all, rounded to 6 decimals)."""
     probs = np.zeros((len(out), len(CLASS_NAMES)))
     for i, (labels, scores) in enumerate(zip(out["top5_labels"], out["top5_scores"], strict=True)):
-        probs[i, [CLASS_NAMES.index(label) for label in json.loads(labels)]] = json.loads(scores)
+        probs[i, [CLASS_NAMES.index(label) for label in labels]] = scores
     return probs
 
 
@@ -133,6 +132,23 @@ def test_served_model_sees_the_training_pixels_and_gives_the_engine_probabilitie
     np.testing.assert_allclose(served_probs(out), trained.probs, rtol=0, atol=1e-6)
     np.testing.assert_allclose(out["score"], trained.probs.max(axis=1), rtol=0, atol=1e-6)
     assert list(out["class_id"]) == list(trained.probs.argmax(axis=1))
+
+
+def test_the_signature_is_mlflows_binary_image_and_array_outputs_and_base64_text_still_works(
+        served: dict[str, Any]) -> None:
+    """MLflow's conventions: `image` is a `binary` column (the scoring server hands the model bytes), top-5 are
+    arrays; an in-process caller may pass bytes or the base64 text of older clients, with the same answer."""
+    signature = mlflow.models.get_model_info(served["uri"]).signature
+    assert signature.inputs.to_dict()[0] == {"type": "binary", "name": "image", "required": True}
+    outputs = {col["name"]: col for col in signature.outputs.to_dict()}
+    assert outputs["top5_labels"]["type"] == outputs["top5_scores"]["type"] == "array"
+    assert (outputs["top5_labels"]["items"]["type"], outputs["top5_scores"]["items"]["type"]) == ("string", "double")
+    paths = [path for path, _ in served["images"].values()]
+    pyfunc = mlflow.pyfunc.load_model(served["uri"])
+    as_bytes = pyfunc.predict(pd.DataFrame({"image": [path.read_bytes() for path in paths]}))
+    as_text = pyfunc.predict(pd.DataFrame({"image": [b64(path) for path in paths]}))
+    pd.testing.assert_frame_equal(as_bytes, as_text)
+    assert isinstance(as_bytes["top5_labels"][0], list) and isinstance(as_bytes["top5_scores"][0][0], float)
 
 
 def test_a_model_trained_on_whole_images_checks_a_box_but_decodes_the_whole_image(served: dict[str, Any]) -> None:

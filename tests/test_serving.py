@@ -186,7 +186,7 @@ def encoded(width: int, height: int, fmt: str, mode: str = "RGB") -> str:
 def check_predictions(rows: list[dict[str, Any]], n: int) -> None:
     assert len(rows) == n
     for row in rows:
-        labels, scores = json.loads(row["top5_labels"]), json.loads(row["top5_scores"])
+        labels, scores = row["top5_labels"], row["top5_scores"]
         assert row["label"] in CLASS_NAMES and CLASS_NAMES[row["class_id"]] == row["label"]
         assert labels[0] == row["label"] and sorted(labels) == sorted(CLASS_NAMES)  # 4 classes: top-5 lists all
         assert scores == sorted(scores, reverse=True) and scores[-1] >= 0 and scores[0] <= 1
@@ -244,26 +244,32 @@ def big_in_all() -> list[str]:
 
 
 LARGE_PNG = png(6000, 6000)  # 36 Mpx (allowed alone: under MAX_PIXELS and MAX_REQUEST_PIXELS), ~140 KB of base64
-GOOD_AND_BAD = [png(24, 16), "not base64 !!!", png(16, 24)]  # one bad row among good ones refuses the whole request
+NOT_AN_IMAGE = base64.b64encode(b"just some text, not a JPEG").decode()
+GOOD_AND_BAD = [png(24, 16), NOT_AN_IMAGE, png(16, 24)]  # one bad row among good ones refuses the whole request
 MIXED_MESSAGE = ("1 of 3 row(s) have a bad `image` (row 1); the request was refused as a whole, nothing was predicted: "
-                 "row 1: `image` is not valid base64")
+                 "row 1: `image` bytes are not a readable JPEG/PNG image")
+# The `image` column is MLflow's `binary` type: the scoring server decodes each row's base64 text before the model sees
+# the request, and refuses text that is not base64 (or a null) itself, naming the column.
+NOT_BASE64 = "Failed to convert column image"
 
 # case -> (Server.post keyword arguments, built when the case runs; expected status; fragment of the message)
 BAD_REQUESTS: dict[str, tuple[Callable[[], dict[str, Any]], int, str]] = {
-    "invalid base64": (lambda: {"payload": frame(["not base64 !!!"])}, 400, "row 0: `image` is not valid base64"),
-    "not an image": (lambda: {"payload": frame([base64.b64encode(b"just some text, not a JPEG").decode()])}, 400,
+    "invalid base64": (lambda: {"payload": frame(["not base64 !!!"])}, 400, NOT_BASE64),
+    "not an image": (lambda: {"payload": frame([NOT_AN_IMAGE])}, 400,
                      "row 0: `image` bytes are not a readable JPEG/PNG image"),
     "missing image column": (lambda: {"payload": frame(["aGVsbG8="], column="picture")}, 400,
                              "missing inputs ['image']"),
     "empty frame": (lambda: {"payload": {"dataframe_split": {"columns": ["image"], "data": []}}}, 400,
                     "input frame is empty"),
-    "null image": (lambda: {"payload": frame([None])}, 400, "row 0: `image` must be a non-empty base64 string"),
+    "null image": (lambda: {"payload": frame([None])}, 400, NOT_BASE64),
+    "empty image": (lambda: {"payload": frame([""])}, 400,
+                    "row 0: `image` must be the non-empty bytes of a JPEG or PNG"),
     "too many pixels": (lambda: {"payload": frame([png(8000, 6000, mode="1")])}, 400,
                         f"row 0: image is 8000x6000, more than {MAX_PIXELS:,} pixels"),
     "decompression bomb": (lambda: {"payload": frame([png(20000, 10000, mode="1")])}, 400,
                            f"more than {MAX_PIXELS:,} pixels"),
     "good and bad rows mixed": (lambda: {"payload": frame(GOOD_AND_BAD)}, 400, MIXED_MESSAGE),
-    "several bad rows": (lambda: {"payload": frame([None, GOOD_AND_BAD[0], "%%%"])}, 400,
+    "several bad rows": (lambda: {"payload": frame(["", GOOD_AND_BAD[0], NOT_AN_IMAGE])}, 400,
                          "2 of 3 row(s) have a bad `image` (row 0, 2)"),
     "image too big": (lambda: {"payload": frame([too_big()])}, 400, "row 0: image is larger than 20 MiB"),
     "wrong content type": (lambda: {"data": "image=...", "content_type": "text/plain"}, 415,

@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from carsml.cli import run_experiment
+from carsml.errors import CarsmlError
 from tests.conftest import REPO, kill_when, mlflow_server
 from tests.test_promote import COLOURS, NET, RF, build_store, tracking_env
 from tests.test_serving import Server, frame
@@ -150,6 +151,26 @@ def test_a_run_killed_on_one_machine_resumes_on_another_through_the_server(
     assert client.list_artifacts(run_id, "checkpoints") == []  # a finished run keeps only its results
 
 
+def test_a_resume_through_a_server_that_does_not_proxy_artifacts_says_so_before_training(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mlflow server --no-serve-artifacts`: the run's checkpoints are in a folder of the server's machine; resumed on
+    a machine that cannot see that folder, the error names it and the server option, and nothing trains."""
+    (tmp_path / "server").mkdir()
+    with mlflow_server(tmp_path / "server", proxy=False) as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        options = {"image_size": 32, "head_widths": "32", "epochs": 1, "batch_size": 8, "device": "cpu",
+                   "log_model": False, "synth_classes": 4, "synth_images_per_class": 12, "data": "synthetic",
+                   "cache_dir": str(tmp_path / "machine-a"), "keep_checkpoints": True, "system_metrics": False}
+        run_experiment("improved", options)
+        run_id = mlflow.last_active_run().info.run_id
+        shutil.rmtree(tmp_path / "machine-a")  # machine A is gone with its cache...
+        (tmp_path / "server" / "artifacts").rename(tmp_path / "elsewhere")  # ...and this one cannot see the server's
+        with pytest.raises(CarsmlError, match=r"does not proxy artifacts\. Start the server with `--artifacts-dest"):
+            run_experiment("improved", {"resume_run_id": run_id, "cache_dir": str(tmp_path / "machine-b")})
+        run = MlflowClient(url).get_run(run_id)
+        assert run.info.status == "FINISHED" and len(MlflowClient(url).get_metric_history(run_id, "val_acc")) == 1
+
+
 def test_the_champion_is_a_logged_model_whose_metrics_name_their_dataset(flow: dict[str, Any]) -> None:
     """MLflow 3's model-centred view: the selected model's validation / test metrics are logged against its
     LoggedModel and the run's dataset inputs; promote ranked LoggedModels by validation accuracy; the registered
@@ -176,10 +197,22 @@ def test_the_ui_tells_runs_apart_by_name_and_description(flow: dict[str, Any]) -
     folds = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(f.info.run_name for f in folds) == ["fold 0 · baseline_cnn", "fold 1 · baseline_cnn"]
     assert parent.data.tags["mlflow.note.content"].startswith("2-fold CV of baseline_cnn · test acc ")
+    # the UI opens the experiment on its runs table, not on MLflow 3's GenAI traces view
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     for fold in folds:  # each fold's model: its metrics tied to the fold run's own dataset inputs
         logged = client.get_logged_model(fold.data.tags["carsml.model_uri"].removeprefix("models:/"))
         assert {m.key: m.dataset_name for m in logged.metrics}["test_acc"] == "stanford-cars-test"
         assert logged.tags["carsml.fold"] == fold.data.tags["carsml.fold"]
+        assert logged.name == f"baseline_cnn-fold{fold.data.tags['carsml.fold']}"  # the model list tells folds apart
+        keys = [m.key for m in logged.metrics]
+        assert len(keys) == len(set(keys)), "a metric logged twice against the model"
+        assert "n_params" not in fold.data.params  # a metric, once
+        # the parent's params in the children's form ('' for unset, true/false), so the compare view lines them up
+        shared = set(parent.data.params) & set(fold.data.params)
+        assert {"cache_dir", "use_boxes", "epochs"} <= shared
+        assert {k: parent.data.params[k] for k in shared} == {k: fold.data.params[k] for k in shared}
+    assert client.get_logged_model(client.get_run(flow["good"]).data.tags["carsml.model_uri"]
+                                   .removeprefix("models:/")).name == "resnet50"
     for run in (*folds, client.get_run(flow["good"])):
         note = run.data.tags["mlflow.note.content"]
         assert f"val acc {run.data.metrics['best_val_acc']:.4f}" in note and "selected" in note

@@ -47,12 +47,30 @@ class CheckpointArtifacts(Callback):
                 self.sent[name] = path.stat().st_mtime_ns
 
 
+def check_artifacts_reachable(run_id: str) -> None:
+    """CarsmlError when run `run_id` lives on a tracking server that does not proxy artifacts and its artifacts lie in
+    a folder of the server's machine that this machine cannot see (`mlflow server --no-serve-artifacts` with a local
+    artifact root): its checkpoints could only be resumed on the machine that was killed."""
+    if not shares_checkpoints():
+        return
+    uri = MlflowClient().get_run(run_id).info.artifact_uri
+    parsed = urlparse(uri)
+    local = Path(parsed.path if parsed.scheme == "file" else uri) if parsed.scheme in ("", "file") else None
+    if local is not None and not local.exists():
+        raise CarsmlError(f"run {run_id}: its artifacts (and the checkpoints to resume from) are in {uri}, a folder on "
+                          f"the tracking server's machine that this machine cannot see: {mlflow.get_tracking_uri()} "
+                          f"does not proxy artifacts. Start the server with `--artifacts-destination DIR "
+                          f"--serve-artifacts` (docs/tracking.md), mount that folder here at the same path, or resume "
+                          f"on the machine whose local checkpoints are still there")
+
+
 def fetch_checkpoints(run_id: str, folder: Path) -> bool:
     """Make `folder` hold run `run_id`'s checkpoints: True when it has `last.pt` already or it was downloaded from the
     run's `checkpoints/` artifacts; False when the run has none."""
     folder = Path(folder)
     if (folder / LAST_NAME).is_file():
         return True
+    check_artifacts_reachable(run_id)
     try:
         names = {Path(a.path).name for a in MlflowClient().list_artifacts(run_id, ARTIFACT_DIR)}
     except MlflowException:

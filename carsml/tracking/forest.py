@@ -15,7 +15,7 @@ from torch import nn
 
 from carsml.errors import CarsmlError
 from carsml.tracking import tags as tag
-from carsml.tracking.models import log_model
+from carsml.tracking.models import log_model, logged_model_name
 from carsml.tracking.pyfunc_rf import SKOPS_TRUSTED_TYPES
 
 RF_PYFUNC_FILE = Path(__file__).with_name("pyfunc_rf.py")
@@ -23,7 +23,8 @@ RF_PYFUNC_FILE = Path(__file__).with_name("pyfunc_rf.py")
 
 def log_rf_head(rf: RandomForestClassifier, example: np.ndarray) -> str:
     """Log the forest alone (features in, class out) as an sklearn model in skops format; tag carsml.rf_head_uri."""
-    logged = mlflow.sklearn.log_model(rf, name="rf_head", serialization_format="skops",
+    run_tags = mlflow.get_run(mlflow.active_run().info.run_id).data.tags
+    logged = mlflow.sklearn.log_model(rf, name=logged_model_name(run_tags, "rf_head"), serialization_format="skops",
                                       skops_trusted_types=SKOPS_TRUSTED_TYPES,
                                       signature=infer_signature(example, rf.predict(example)), input_example=example)
     mlflow.set_tag(tag.RF_HEAD_URI, logged.model_uri)
@@ -41,5 +42,5 @@ def log_rf_model(model: nn.Module, info: dict[str, Any], rf: RandomForestClassif
         untrusted = sorted(set(skops.io.get_untrusted_types(file=path)) - set(SKOPS_TRUSTED_TYPES))
         if untrusted:  # the served model could not load it: fail here, not at serving time
             raise CarsmlError(f"the RandomForest holds types the rf_model would refuse to load: {untrusted}")
-        return log_model(model.cpu(), {**info, **extra_info}, examples, name="rf_model",
+        return log_model(model.cpu(), {**info, **extra_info}, examples, role="rf_model",
                          extra_artifacts={"rf": str(path)}, python_model=RF_PYFUNC_FILE)

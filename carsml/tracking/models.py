@@ -25,10 +25,11 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
-from mlflow.types.schema import AnyType
+from mlflow.types.schema import AnyType, Array
 from PIL import Image
 
 from carsml.errors import CarsmlError
+from carsml.tracking import tags as tag
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 BUNDLE = "bundle"
@@ -82,40 +83,66 @@ def load_bundle(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]
     return model.eval(), info
 
 
-def encode_image(image: np.ndarray | Image.Image, fmt: str = "JPEG") -> str:
-    """Base64 text of an image encoded as JPEG/PNG: the serving input format."""
+def image_bytes(image: np.ndarray | Image.Image, fmt: str = "JPEG") -> bytes:
+    """An image encoded as a JPEG/PNG file: a cell of the serving input's `image` column."""
     img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
     buf = io.BytesIO()
     img.save(buf, format=fmt, quality=92)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+def encode_image(image: np.ndarray | Image.Image, fmt: str = "JPEG") -> str:
+    """Base64 text of `image_bytes`: what a JSON request carries in its `image` column."""
+    return base64.b64encode(image_bytes(image, fmt)).decode("ascii")
 
 
 # `box` is typed Any rather than Array(long) / Array(double): MLflow's enforcement refuses an Array(double) of integers
 # (the annotation convention) and an Array(long) of floats, without naming the row; the model checks the box itself
 # (pyfunc_model.parse_box) and names the row in every refusal.
+# `image` is MLflow's `binary` type: JSON clients send base64 text, the scoring server hands the model bytes (and the
+# string column of older clients is the same JSON); top-5 are arrays.
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", "image"), ColSpec(AnyType(), "box", required=False)]),
+    inputs=Schema([ColSpec("binary", "image"), ColSpec(AnyType(), "box", required=False)]),
     outputs=Schema([ColSpec("string", "label"), ColSpec("long", "class_id"), ColSpec("double", "score"),
-                    ColSpec("string", "top5_labels"), ColSpec("string", "top5_scores")]),
+                    ColSpec(Array("string"), "top5_labels"), ColSpec(Array("double"), "top5_scores")]),
 )
 
 
-def log_model(model: torch.nn.Module, info: dict[str, Any], example_images: np.ndarray, name: str = "model",
+def logged_model_name(run_tags: dict[str, str], role: str = "model") -> str:
+    """What a LoggedModel is, as its name (what the MLflow UI lists): the network, then its fold, tuning trial or
+    refit, then the role when the model is not the network itself — `improved_cnn-fold0`, `resnet50-trial3`,
+    `resnet18-refit`, `resnet50-rf_model`. MLflow forbids `/ : . % " '` in a LoggedModel name; none appear."""
+    parts = [run_tags.get(tag.MODEL, "model")]
+    if tag.FOLD in run_tags:
+        parts.append(f"fold{run_tags[tag.FOLD]}")
+    if tag.TRIAL_NUMBER in run_tags:
+        parts.append(f"trial{run_tags[tag.TRIAL_NUMBER]}")
+    if tag.SELECTION_RUN_ID in run_tags:
+        parts.append("refit")
+    if role != "model":
+        parts.append(role)
+    return "-".join(parts).translate(str.maketrans({c: "_" for c in "/:.%\"'"}))
+
+
+def log_model(model: torch.nn.Module, info: dict[str, Any], example_images: np.ndarray, role: str = "model",
               extra_artifacts: dict[str, str] | None = None, python_model: Path = PYFUNC_FILE) -> str:
     """Log `model` to the active run as a pyfunc LoggedModel; return its `models:/m-...` URI.
 
-    `example_images` (uint8 N x H x W x 3, N >= 2) become the base64 input example: the first with a `box` around the
-    whole image, the second without one.
+    `role` says what it is to the run (`model`: the trained network; `rf_model`: backbone + forest): the run's tag
+    `carsml.<role>_uri` holds the URI (how `resolve_model_uri` finds it); the LoggedModel is named by
+    `logged_model_name`. `example_images` (uint8 N x H x W x 3, N >= 2) become the base64 input example: the first
+    with a `box` around the whole image, the second without one.
     """
     import carsml
 
+    run_tags = mlflow.get_run(mlflow.active_run().info.run_id).data.tags
     height, width = example_images.shape[1:3]
-    examples = pd.DataFrame({"image": [encode_image(img) for img in example_images[:2]],
+    examples = pd.DataFrame({"image": [image_bytes(img) for img in example_images[:2]],
                              "box": [[0, 0, int(width), int(height)], None]})
     with tempfile.TemporaryDirectory() as tmp:
         bundle = save_bundle(model, info, Path(tmp) / BUNDLE)
         logged = mlflow.pyfunc.log_model(
-            name=name,
+            name=logged_model_name(run_tags, role),
             python_model=str(python_model),
             artifacts={BUNDLE: str(bundle), **(extra_artifacts or {})},
             code_paths=[str(Path(carsml.__file__).parent)],
@@ -123,8 +150,8 @@ def log_model(model: torch.nn.Module, info: dict[str, Any], example_images: np.n
             input_example=examples,
             pip_requirements=_requirements(),
         )
-    mlflow.set_tag(f"carsml.{name}_uri", logged.model_uri)
-    run_tags = mlflow.get_run(logged.run_id).data.tags  # what the model is, searchable with search_logged_models
+    mlflow.set_tag(f"{tag.PREFIX}{role}_uri", logged.model_uri)
+    # what the model is, searchable with search_logged_models
     mlflow.set_logged_model_tags(logged.model_id, {k: run_tags[k] for k in MODEL_TAGS if k in run_tags})
     return logged.model_uri
 
@@ -155,30 +182,59 @@ def _requirements() -> list[str]:
     return out
 
 
-def resolve_model_uri(ref: str, name: str = "model") -> str:
-    """A `models:/` URI for `ref`: a run id (its logged model `name`), `runs:/<id>/<name>`, or a `models:/` URI."""
+def resolve_model_uri(ref: str, role: str = "model") -> str:
+    """A `models:/` URI for `ref`: a run id (its logged model of `role`, see `log_model`), `runs:/<id>/<role>`, or a
+    `models:/` URI."""
     ref = ref.strip()
     if ref.startswith("models:/"):
+        check_registered(ref)
         return ref
     if ref.startswith("runs:/"):
         run_id, _, sub = ref[len("runs:/"):].partition("/")
-        ref, name = run_id, sub or name
+        ref, role = run_id, sub or role
     try:
         run = mlflow.get_run(ref)
     except MlflowException as exc:
         raise CarsmlError(f"Unknown MLflow run id {ref!r} (tracking URI {mlflow.get_tracking_uri()}): {exc}") from None
-    uri = run.data.tags.get(f"carsml.{name}_uri")
+    uri = run.data.tags.get(f"{tag.PREFIX}{role}_uri")
     if not uri:
         raise CarsmlError(
-            f"Run {ref} ({run.info.run_name}) holds no carsml model named {name!r}; pass a run of a training "
-            f"experiment (baseline, improved, transfer, ...) or a models:/ URI."
+            f"Run {ref} ({run.info.run_name}) holds no carsml model (no tag {tag.PREFIX}{role}_uri); pass a run of a "
+            f"training experiment (baseline, improved, transfer, ...) or a models:/ URI."
         )
     return uri
 
 
-def download_bundle(ref: str, name: str = "model", dst: str | None = None) -> Path:
+def check_registered(uri: str) -> None:
+    """CarsmlError naming what exists when a registry URI (`models:/<name>@<alias>` or `models:/<name>/<version>`)
+    names a registered model, alias or version the tracking store does not have; LoggedModel URIs
+    (`models:/m-<id>`) pass (a missing one fails where it is downloaded)."""
+    name, at, alias = uri.removeprefix("models:/").partition("@")
+    name, slash, version = name.partition("/")
+    if not (at or slash) or name.startswith("m-"):
+        return
+    client = mlflow.MlflowClient()
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException:
+        known = sorted(m.name for m in client.search_registered_models(max_results=100))
+        raise CarsmlError(f"{uri!r}: no registered model {name!r} at {mlflow.get_tracking_uri()} (registered: "
+                          f"{', '.join(known) or 'none'}); `carsml promote` registers carsml-resnet50 and "
+                          f"carsml-resnet50-rf") from None
+    aliases = registered.aliases or {}
+    if at and alias not in aliases:
+        have = ", ".join(f"@{a} (version {v})" for a, v in sorted(aliases.items())) or "none"
+        raise CarsmlError(f"{uri!r}: registered model {name!r} has no alias {alias!r}; its aliases: {have}")
+    if slash and version:
+        try:
+            client.get_model_version(name, version)
+        except MlflowException:
+            raise CarsmlError(f"{uri!r}: registered model {name!r} has no version {version!r}") from None
+
+
+def download_bundle(ref: str, role: str = "model", dst: str | None = None) -> Path:
     """Download the bundle of a run id / models:/ URI and return the local bundle folder."""
-    uri = resolve_model_uri(ref, name)
+    uri = resolve_model_uri(ref, role)
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst))
     except MlflowException as exc:
@@ -189,6 +245,6 @@ def download_bundle(ref: str, name: str = "model", dst: str | None = None) -> Pa
     return found[0].parent
 
 
-def load_model(ref: str, name: str = "model") -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_model(ref: str, role: str = "model") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load a carsml model from a run id, `runs:/` or `models:/` URI."""
-    return load_bundle(download_bundle(ref, name))
+    return load_bundle(download_bundle(ref, role))

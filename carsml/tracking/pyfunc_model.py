@@ -1,11 +1,12 @@
-"""MLflow pyfunc adapter (models-from-code): base64 images (and optional boxes) in, labels and top-5 out.
+"""MLflow pyfunc adapter (models-from-code): images (and optional boxes) in, labels and top-5 out.
 
-Input: a DataFrame with a string column `image` holding base64-encoded JPEG or PNG bytes (clients send
-`dataframe_split`) and an optional column `box`: per row null, or [x1, y1, x2, y2] in whole pixels of the image as
+Input: a DataFrame with a column `image` holding JPEG or PNG file bytes — MLflow's `binary` type: JSON clients send
+base64 text in `dataframe_split`, which the scoring server decodes to bytes; in-process callers may pass bytes or
+base64 text — and an optional column `box`: per row null, or [x1, y1, x2, y2] in whole pixels of the image as
 displayed, 0-based with x2 and y2 exclusive (the dataset table's convention, docs/data.md). The box is applied with the
 model's box policy (`carsml.tracking.models.box_policy`: crop to it grown by `crop_margin` when the model was trained on
 box crops, else checked and ignored), exactly as the training cache applies its dataset row's box. Output per row:
-`label`, `class_id` (0-based), `score`, and `top5_labels` / `top5_scores` (JSON lists). Bad requests raise
+`label`, `class_id` (0-based), `score`, and `top5_labels` / `top5_scores` (lists, best first). Bad requests raise
 MlflowException(INVALID_PARAMETER_VALUE), which `mlflow models serve` answers with HTTP 400; one bad row refuses the
 whole request with a message naming every bad row (never a partial answer).
 
@@ -32,7 +33,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import math
 import numbers
 import os
@@ -191,14 +191,19 @@ def open_image(text: object, row: int, size: int, box: tuple[int, int, int, int]
     """Check one row from its header only (nothing is decoded): a non-empty base64 string of at most MAX_IMAGE_BYTES,
     a JPEG or PNG by its signature, at most MAX_PIXELS, a `box` (from `parse_box`) that meets the image; plan its
     decode to size x size with the model's box `policy`. Errors name the row."""
-    if not isinstance(text, str) or not text:
-        raise _bad(f"row {row}: `image` must be a non-empty base64 string")
-    if len(text) * 3 // 4 > MAX_IMAGE_BYTES:
-        raise _bad(f"row {row}: image is larger than {MAX_IMAGE_BYTES // MIB} MiB")
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise _bad(f"row {row}: `image` is not valid base64") from None
+    if isinstance(text, (bytes, bytearray, memoryview)) and len(text):  # the `binary` column, decoded by the server
+        if len(text) > MAX_IMAGE_BYTES:
+            raise _bad(f"row {row}: image is larger than {MAX_IMAGE_BYTES // MIB} MiB")
+        data = bytes(text)
+    elif isinstance(text, str) and text:  # base64 text: an in-process caller, or a client of the string column
+        if len(text) * 3 // 4 > MAX_IMAGE_BYTES:
+            raise _bad(f"row {row}: image is larger than {MAX_IMAGE_BYTES // MIB} MiB")
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise _bad(f"row {row}: `image` is not valid base64") from None
+    else:
+        raise _bad(f"row {row}: `image` must be the non-empty bytes of a JPEG or PNG file (base64 in JSON)")
     fmt = sniff_format(data)
     if fmt is None:
         other = _other_format(data)
@@ -254,12 +259,20 @@ def _refusal(problems: dict[int, str], rows: int) -> MlflowException:
                 f"nothing was predicted: {details}")
 
 
+def encoded_bytes(value: object) -> int:
+    """The file size a row's `image` cell stands for: its bytes, or what its base64 text decodes to (0 for
+    anything else, refused per row later)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return len(value)
+    return len(value) * 3 // 4 if isinstance(value, str) else 0
+
+
 def check_request(values: list[object]) -> None:
     """The per-request limits that need no decoding at all: MAX_ROWS and MAX_REQUEST_BYTES."""
     if len(values) > MAX_ROWS:
         raise _bad(f"the request has {len(values)} rows, more than the {MAX_ROWS} allowed per request; the request "
                    f"was refused as a whole, nothing was predicted: send at most {MAX_ROWS} images per request")
-    total = sum(len(v) * 3 // 4 for v in values if isinstance(v, str))
+    total = sum(encoded_bytes(v) for v in values)
     if total > MAX_REQUEST_BYTES:
         raise _bad(f"the request's images have {total / MIB:.1f} MiB in all, more than the "
                    f"{MAX_REQUEST_BYTES // MIB} MiB allowed per request; the request was refused as a whole, "
@@ -321,7 +334,7 @@ def decode_images(values: pd.Series | Iterable[object], size: int, pool: ThreadP
 
 
 class CarsImageClassifier(mlflow.pyfunc.PythonModel):
-    """Serves a carsml network (bundle artifact) — predictions for a batch of base64 images."""
+    """Serves a carsml network (bundle artifact) — predictions for a batch of JPEG / PNG images."""
 
     policy: BoxPolicy = BoxPolicy()  # the model's box policy (its bundle info)
     threads: int = 1  # torch intra-op threads per forward (CARSML_SERVE_THREADS)
@@ -402,7 +415,7 @@ class CarsImageClassifier(mlflow.pyfunc.PythonModel):
         """Validate the request frame and decode its images (cropped to their boxes per the box policy) into one
         batch."""
         if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
-            raise _bad("input must be a DataFrame with a string column `image`")
+            raise _bad("input must be a DataFrame with a column `image` (JPEG/PNG bytes, base64 in JSON)")
         if len(model_input) == 0:
             raise _bad("input frame is empty: send at least one row")
         boxes = model_input["box"].tolist() if "box" in model_input.columns else None
@@ -415,8 +428,8 @@ class CarsImageClassifier(mlflow.pyfunc.PythonModel):
             "label": [self.class_names[t[0]] for t in top],
             "class_id": top[:, 0].astype(np.int64),
             "score": probs[np.arange(len(probs)), top[:, 0]].astype(np.float64),
-            "top5_labels": [json.dumps([self.class_names[j] for j in t]) for t in top],
-            "top5_scores": [json.dumps([round(float(p[j]), 6) for j in t]) for p, t in zip(probs, top, strict=True)],
+            "top5_labels": [[self.class_names[j] for j in t] for t in top],
+            "top5_scores": [[round(float(p[j]), 6) for j in t] for p, t in zip(probs, top, strict=True)],
         })
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:  # noqa: ANN001

@@ -1,9 +1,10 @@
 """MLflow pyfunc adapter (models-from-code) for a carsml backbone with a RandomForest head (study row 11).
 
-Same input and output as `pyfunc_model.py` — a DataFrame with a string column `image` of base64 JPEG/PNG bytes and an
-optional `box` column in; `label`, `class_id`, `score` (the forest's vote share), `top5_labels`, `top5_scores` out — so
-clients and `mlflow models serve` treat both models alike, with the same decoder, box policy, limits, formats and
-threads (the backbone runs through the engine's `predict` on the inference threads of `CarsImageClassifier`).
+Same input and output as `pyfunc_model.py` — a DataFrame with a `binary` column `image` of JPEG/PNG bytes (base64
+in JSON) and an optional `box` column in; `label`, `class_id`, `score` (the forest's vote share), `top5_labels`,
+`top5_scores` out — so clients and `mlflow models serve` treat both models alike, with the same decoder, box policy,
+limits, formats and threads (the backbone runs through the engine's `predict` on the inference threads of
+`CarsImageClassifier`).
 Artifacts: "bundle" (the backbone, a carsml bundle) and "rf" (the RandomForest as a skops file, loaded with an explicit
 allow-list of types).
 """

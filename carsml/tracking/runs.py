@@ -228,6 +228,17 @@ def steps_of(parent_run_id: str) -> Iterator[list[str]]:
         _STEPS_OF, _STEP_RUNS = previous
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"  # the MLflow 3 UI opens an experiment on its runs or on GenAI traces
+
+
+def mark_ml_experiment(experiment_id: str) -> None:
+    """Tag the experiment as model development (once), so the MLflow UI opens it on its runs table, not on the
+    GenAI traces view that MLflow 3 shows an untagged experiment with."""
+    client = MlflowClient()
+    if EXPERIMENT_KIND not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, "custom_model_development")
+
+
 @contextlib.contextmanager
 def start_run(
     entry_point: str,
@@ -266,6 +277,7 @@ def start_run(
     with active:
         if is_step:
             _STEP_RUNS.append(active.info.run_id)
+        mark_ml_experiment(active.info.experiment_id)
         info = git_info()
         base_tags = {tag.ENTRY_POINT: entry_point, tag.VERSION: carsml.__version__}
         if info:
