@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import inspect
 import os
+import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,9 +16,10 @@ import typer
 from rich.console import Console
 
 from carsml.config import DEFAULTS_DIR, entry_points, load_config, options
-from carsml.errors import CarsmlError
+from carsml.engine import distributed
+from carsml.errors import CarsmlError, ConfigError
 from carsml.experiments import COMMANDS
-from carsml.tracking.runs import quiet_mlflow
+from carsml.tracking.runs import param_text, quiet_mlflow
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Dataset helpers: generate the synthetic dataset, analyse a dataset.", no_args_is_help=True)
@@ -31,7 +34,41 @@ def run_experiment(name: str, overrides: dict[str, Any] | None = None, *, passes
     from carsml.experiments.registry import ENTRY_POINTS  # imported on use: `carsml --help` stays quick
 
     cfg = load_config(name, overrides, passes_defaults=passes_defaults)
+    here = distributed.world()
+    if here.distributed and "nproc" not in cfg:
+        raise ConfigError(f"{name} does not train one model over several processes (torchrun started "
+                          f"{here.size}); DDP trains baseline, improved and transfer runs (`--nproc N`). k-fold: "
+                          "`folds_parallel`; tuning: start several workers on one study (docs/scaling.md)")
+    if cfg.get("nproc", 1) > 1 and not here.distributed:
+        return launch(name, cfg)
+    if here.distributed:  # the processes torchrun started: what the run records (`torchrun` run by hand too)
+        cfg = cfg.replace(nproc=here.size)
     return ENTRY_POINTS[name](cfg)
+
+
+def launch(name: str, cfg: Mapping[str, Any]) -> None:
+    """Run entry point `name` with `cfg` as `nproc` DDP processes: `torchrun --standalone --nproc-per-node N -m carsml
+    <command> <every option>` on this machine (several machines: start torchrun yourself, docs/scaling.md). Rank 0
+    prints the summary; a failed process fails the command."""
+    import torch
+
+    nproc, device = cfg["nproc"], str(cfg["device"])
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    available = torch.cuda.device_count() if on_cuda else len(os.sched_getaffinity(0))
+    if nproc > available:
+        what = "CUDA devices" if on_cuda else "CPU cores (gloo, one process per core at most)"
+        raise ConfigError(f"nproc={nproc}: this machine has {available} {what}; pass --nproc {available} or fewer")
+    distributed.check_config(cfg["batch_size"], cfg.get("freeze_backbone_epochs", 0), distributed.World(size=nproc))
+    argv = [*COMMANDS[name].split()]
+    for key in options(name):  # `--nproc` would be taken for torchrun's `--nproc-per-node`: WORLD_SIZE tells it
+        if key != "nproc":
+            argv += [f"--{key.replace('_', '-')}", param_text(cfg[key])]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "carsml", *argv]
+    code = subprocess.run(command, check=False).returncode
+    if code:
+        raise CarsmlError(f"{name}: the {nproc} training processes failed (torchrun exit status {code}; the "
+                          "first failure is printed above)")
 
 
 def _print_summary() -> None:
@@ -78,7 +115,10 @@ def _register(name: str, command_name: str, target: typer.Typer) -> None:
             run_experiment(name, kwargs, passes_defaults=bool(os.environ.get("MLFLOW_RUN_ID")))
         except CarsmlError as exc:
             _fail(exc)
-        _print_summary()
+        finally:
+            distributed.finish()
+        if distributed.world().main:  # under torchrun, rank 0's (a launching command ran no run of its own)
+            _print_summary()
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     first_line = (DEFAULTS_DIR / f"{name}.yaml").read_text().splitlines()[0]

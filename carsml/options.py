@@ -127,6 +127,13 @@ class RefitOptions:
 
 
 @dataclass(frozen=True)
+class ProcessOptions:
+    """How many processes train the one model (DistributedDataParallel under torchrun)."""
+
+    nproc: int
+
+
+@dataclass(frozen=True)
 class KFoldOptions:
     """k-fold cross-validation."""
 
@@ -293,11 +300,12 @@ FAMILIES: dict[str, dict[str, type]] = {
     "_data": {"data": DataOptions, "tracking": TrackingOptions},
     "_source": _SOURCE,
     "_train": _TRAIN,
-    "baseline": {**_TRAIN, "refit": RefitOptions},
-    "improved": {**_TRAIN, "refit": RefitOptions},
+    "baseline": {**_TRAIN, "refit": RefitOptions, "process": ProcessOptions},
+    "improved": {**_TRAIN, "refit": RefitOptions, "process": ProcessOptions},
     "kfold_baseline": {**_TRAIN, "kfold": KFoldOptions},
     "kfold_improved": {**_TRAIN, "kfold": KFoldOptions},
-    "transfer": {**_TRAIN, "init": InitOptions, "transfer": TransferOptions, "refit": RefitOptions},
+    "transfer": {**_TRAIN, "init": InitOptions, "transfer": TransferOptions, "refit": RefitOptions,
+                 "process": ProcessOptions},
     "transfer_all": {**_TRAIN, "init": InitOptions, "transfer": TransferOptions, "transfer_all": TransferAllOptions},
     "tune": {**_TRAIN, "init": InitOptions, "tune": TuneOptions},
     "data_analysis": {"data": DataOptions, "tracking": TrackingOptions, "data_analysis": DataAnalysisOptions},

@@ -210,20 +210,36 @@ def mlflow_server(folder: Path, startup_s: float = 180, proxy: bool = True) -> I
                 proc.wait(timeout=20)
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL `proc`'s process group (started with start_new_session=True) and every process it started, also
+    those in sessions of their own (torchrun starts its workers so): a machine that dies takes them all."""
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for child in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
 def kill_when(proc: subprocess.Popen, ready: Callable[[], str | None], timeout_s: float = 900) -> str | None:
-    """Poll `ready()` until it returns a run id, then SIGKILL `proc`'s process group (started with
-    start_new_session=True); returns that run id, or None when the process ended or the deadline passed first. The
-    deadline is only a ceiling for a stuck process: a slow machine just takes longer."""
+    """Poll `ready()` until it returns a run id, then SIGKILL `proc` and everything it started (`kill_tree`);
+    returns that run id, or None when the process ended or the deadline passed first. The deadline is only a
+    ceiling for a stuck process: a slow machine just takes longer."""
     deadline, run_id = time.monotonic() + timeout_s, None
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             run_id = ready()
             if run_id:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc)
                 break
             time.sleep(0.05)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc)
         proc.wait(timeout=30)
     return run_id

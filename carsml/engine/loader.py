@@ -138,14 +138,18 @@ def _read_rows(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 def batch_positions(
-    n: int, batch_size: int, *, shuffle: bool, generator: torch.Generator | None, drop_last: bool = False
+    n: int, batch_size: int, *, shuffle: bool, generator: torch.Generator | None, drop_last: bool = False,
+    share: tuple[int, int] = (0, 1),
 ) -> list[np.ndarray]:
-    """The positions of each batch of one pass over `n` samples (a permutation when `shuffle`)."""
+    """The positions of each batch of one pass over `n` samples (a permutation when `shuffle`). `share=(rank,
+    size)`: this process's part of every batch (every `size`-th position from `rank`), the batches being the same
+    global batches in every process (DistributedDataParallel)."""
     if batch_size <= 0:
         raise ConfigError(f"batch_size: expected a positive integer; got {batch_size}")
     order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n, dtype=np.int64)
     stop = n - n % batch_size if drop_last else n
-    return [order[i : i + batch_size] for i in range(0, stop, batch_size)]
+    rank, size = share
+    return [order[i : i + batch_size][rank::size] for i in range(0, stop, batch_size)]
 
 
 def _to_device(
@@ -170,16 +174,17 @@ def iterate_batches(
     drop_last: bool = False,
     channels_last: bool = False,
     prefetch: bool = True,
+    share: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (uint8 N×C×H×W images, int64 labels) batches on `device`.
 
     The permutation is drawn from `generator` up front (so the data order depends on nothing else). On CUDA
     the host tensors are pinned and copied with `non_blocking=True`. With `prefetch`, the next batch is read
-    in a background thread while the caller works on the current one.
+    in a background thread while the caller works on the current one. `share`: see `batch_positions`.
     """
     device = torch.device(device)
     batches = batch_positions(
-        len(data), batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last
+        len(data), batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last, share=share
     )
     pin = device.type == "cuda"
 

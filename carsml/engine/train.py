@@ -23,6 +23,9 @@ Any `nn.Module` mapping float N×C×H×W to logits works. Conventions:
       an uninterrupted fit would have produced.
     * train batches drop the last partial batch (a batch of 1 breaks BatchNorm), unless the whole train set
       is smaller than one batch.
+    * under `torchrun` (engine/distributed.py) each process trains a DDP replica on its share of every global
+      batch (`batch_size` is the global batch); train metrics are summed over the processes, rank 0 evaluates
+      and its validation results drive every process's decisions; only rank 0 checkpoints and calls callbacks.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from carsml.data.transforms import BatchTransform
+from carsml.engine import distributed
 from carsml.engine.callbacks import Callback, CallbackList
 from carsml.engine.checkpoint import (
     BEST_NAME,
@@ -92,7 +96,10 @@ class _FitLoop:
         self.model, self.train, self.val, self.test, self.cfg = model, train, val, test, cfg
         self.train_transform, self.eval_transform, self.callbacks = train_transform, eval_transform, callbacks
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.device = resolve_device(cfg.device)
+        self.world = distributed.world()
+        distributed.check_config(cfg.batch_size, cfg.freeze_backbone_epochs, self.world)
+        self.device = resolve_device(distributed.device_for(cfg.device, self.world))
+        distributed.init(self.device)
         self.amp_dtype = autocast_dtype(self.device, cfg.amp)
         seed_everything(cfg.seed)
         # Own generators for data order and augmentation, so nothing else drawing random numbers shifts them.
@@ -103,6 +110,7 @@ class _FitLoop:
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         self.num_classes = self._probe_num_classes()
+        self.net = distributed.wrap(model, self.device)  # what trains: the model, or its DDP replica
         self.ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
         self.drop_last = len(train) >= cfg.batch_size
@@ -125,14 +133,8 @@ class _FitLoop:
         """Run one evaluation image through the model to learn its number of classes (and fail early)."""
         probe = next(d for d in (self.val, self.test, self.train) if d is not None)
         x, _ = next(iterate_batches(probe, 1, shuffle=False, generator=None, device=self.device, prefetch=False))
-        logits, _ = infer(
-            self.model,
-            [x],
-            self.eval_transform,
-            device=self.device,
-            amp_dtype=self.amp_dtype,
-            channels_last=self.cfg.channels_last,
-        )
+        logits, _ = infer(self.model, [x], self.eval_transform, device=self.device, amp_dtype=self.amp_dtype,
+                          channels_last=self.cfg.channels_last)
         if logits.ndim != 2:
             raise DataError(
                 f"fit: the model must return (N, num_classes) logits; got shape {tuple(logits.shape)}"
@@ -205,7 +207,7 @@ class _FitLoop:
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(self.device, self.amp_dtype):
-            logits = self.model(x)
+            logits = self.net(x)
         loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -228,21 +230,17 @@ class _FitLoop:
             self._freeze_backbone(False)
 
     def _train_pass(self, epoch: int) -> tuple[float, float, float, list[float]]:
-        self.model.train()
+        self.net.train()
+        if self.world.distributed:  # each process its own augmentation stream, a function of (seed, epoch, rank)
+            self.aug_gen.manual_seed(self.cfg.seed + 1 + (epoch * self.world.size + self.world.rank) * 7919)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen, window_loss, window_seen = 0, torch.zeros((), device=self.device), 0
         start = window_start = time.perf_counter()
         lrs: list[float] = []
-        batches = iterate_batches(
-            self.train,
-            self.cfg.batch_size,
-            shuffle=True,
-            generator=self.shuffle_gen,
-            device=self.device,
-            drop_last=self.drop_last,
-            channels_last=self.cfg.channels_last,
-        )
+        batches = iterate_batches(self.train, self.cfg.batch_size, shuffle=True, generator=self.shuffle_gen,
+                                  device=self.device, drop_last=self.drop_last, channels_last=self.cfg.channels_last,
+                                  share=(self.world.rank, self.world.size))
         for step, (x, y) in enumerate(batches, start=1):
             lrs = [g["lr"] for g in self.optimizer.param_groups]  # the rates this step uses
             batch_loss, batch_correct = self._train_step(x, y)
@@ -264,7 +262,9 @@ class _FitLoop:
                     epoch, step, self.steps_per_epoch, mean_loss, window_seen / max(now - window_start, 1e-9)
                 )
                 window_loss, window_seen, window_start = torch.zeros((), device=self.device), 0, now
-        return float(loss_sum) / seen, float(correct) / seen, time.perf_counter() - start, lrs
+        loss_total, correct_total, seen_total = distributed.all_sum([float(loss_sum), float(correct), seen],
+                                                                    self.device)
+        return loss_total / seen_total, correct_total / seen_total, time.perf_counter() - start, lrs
 
     def _diverged(self, what: str) -> CarsmlError:
         return CarsmlError(
@@ -278,25 +278,13 @@ class _FitLoop:
         batch_size = self.cfg.eval_batch_size or self.cfg.batch_size
 
         def images() -> Iterator[Tensor]:
-            for x, y in iterate_batches(
-                data,
-                batch_size,
-                shuffle=False,
-                generator=None,
-                device=self.device,
-                channels_last=self.cfg.channels_last,
-            ):
+            for x, y in iterate_batches(data, batch_size, shuffle=False, generator=None, device=self.device,
+                                        channels_last=self.cfg.channels_last):
                 labels.append(y)
                 yield x
 
-        logits, _ = infer(
-            self.model,
-            images(),
-            self.eval_transform,
-            device=self.device,
-            amp_dtype=self.amp_dtype,
-            channels_last=self.cfg.channels_last,
-        )
+        logits, _ = infer(self.model, images(), self.eval_transform, device=self.device, amp_dtype=self.amp_dtype,
+                          channels_last=self.cfg.channels_last)
         return metrics_from_logits(logits, torch.cat(labels))
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
@@ -311,24 +299,25 @@ class _FitLoop:
         """The epoch's evaluation (of the averaged weights with EMA) and the selection that follows it."""
         if self.val is None:
             return self._finish_epoch_without_val(epoch, train_loss, train_acc, train_seconds, lrs, start)
-        val = self._evaluate(self.val)
-        if not math.isfinite(val.loss):
+        val = self._evaluate(self.val) if self.world.main else None  # rank 0 evaluates; every rank follows it
+        val_loss, val_acc = distributed.from_main([val.loss, val.acc] if val else [0.0, 0.0], self.device)
+        if not math.isfinite(val_loss):
             # An optimizer step can turn the weights NaN/inf after the train loss was computed (still finite);
             # the validation pass shows it. Without this check such a model could be selected as the best.
             raise self._diverged(
-                f"val loss is {val.loss} after epoch {epoch} (train loss {train_loss:.4g}): the model no "
+                f"val loss is {val_loss} after epoch {epoch} (train loss {train_loss:.4g}): the model no "
                 "longer gives finite outputs"
             )
-        metrics = self._epoch_metrics({"train_loss": train_loss, "train_acc": train_acc, "val_loss": val.loss,
-                                       "val_acc": val.acc}, train_seconds, lrs, start)
+        metrics = self._epoch_metrics({"train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+                                       "val_acc": val_acc}, train_seconds, lrs, start)
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step(val.loss)
+            self.scheduler.step(val_loss)
         if self.cfg.select_on == "val_loss":  # the same rule on (-loss, -acc): lower loss first, then higher accuracy
-            better = is_better(-val.loss, -val.acc, -self.best_loss, -self.best_acc)
+            better = is_better(-val_loss, -val_acc, -self.best_loss, -self.best_acc)
         else:
-            better = is_better(val.acc, val.loss, self.best_acc, self.best_loss)
+            better = is_better(val_acc, val_loss, self.best_acc, self.best_loss)
         if better:
-            self.best_epoch, self.best_acc, self.best_loss = epoch, val.acc, val.loss
+            self.best_epoch, self.best_acc, self.best_loss = epoch, val_acc, val_loss
             self.best_state = cpu_state_dict(self.model)
             self.epochs_without_improvement = 0
         else:
@@ -340,7 +329,7 @@ class _FitLoop:
     def _epoch_metrics(self, metrics: dict[str, float], train_seconds: float, lrs: list[float],
                        start: float) -> dict[str, float]:
         """Add the (reported only) test metrics, learning rates and timings to an epoch's metrics."""
-        if self.test is not None:
+        if self.test is not None and self.world.main:
             test = self._evaluate(self.test)  # reported only, never used for any decision
             metrics.update(test_loss=test.loss, test_acc=test.acc)
         metrics["lr"] = lrs[0]
@@ -364,7 +353,7 @@ class _FitLoop:
         return self.steps_per_epoch * self.cfg.batch_size if self.drop_last else len(self.train)
 
     def save(self, epoch: int) -> None:
-        if self.checkpoint_dir is None:
+        if self.checkpoint_dir is None or not self.world.main:
             return
         if self.best_epoch == epoch:
             best = checkpoint_payload(epoch, self.cfg, self.best_state, val_acc=self.best_acc, val_loss=self.best_loss)
@@ -422,7 +411,7 @@ def fit(
     _check_data(train, val, test, cfg)
     if resume and checkpoint_dir is None:
         raise ConfigError("fit: resume=True needs a checkpoint_dir")
-    hooks = CallbackList(callbacks)
+    hooks = CallbackList(callbacks if distributed.world().main else ())  # under DDP rank 0 reports
     try:
         loop = _FitLoop(model, train, val, test, cfg, train_transform, eval_transform, hooks, checkpoint_dir)
         if resume:

@@ -19,8 +19,10 @@ from carsml.config import load_config, options
 from carsml.data.cache import DecodedImages, build_cache
 from carsml.data.splits import membership_table, train_val_split
 from carsml.data.table import Dataset
-from carsml.data.transforms import build_transform
+from carsml.data.transforms import BatchTransform, build_transform
+from carsml.engine import distributed
 from carsml.engine.callbacks import Callback, RichProgress
+from carsml.engine.device import resolve_device
 from carsml.engine.evaluate import EvalResult, evaluate
 from carsml.engine.loader import ArrayData
 from carsml.engine.train import fit
@@ -127,6 +129,15 @@ def info_for(model: Any, class_names: list[str], image_size: int, **extra: Any) 
             "mean": list(data_cfg["mean"]), "std": list(data_cfg["std"]), **extra}
 
 
+def transforms_for(cfg: dict[str, Any], model: Any) -> tuple[BatchTransform, BatchTransform]:
+    """(train, eval) batch transforms of `cfg` at `image_size`, with the model's normalisation."""
+    data_cfg = resolve_data_config(model)
+    size = int(cfg["image_size"])
+    train_tf = build_transform(cfg["augmentation"], size=size, mean=data_cfg["mean"], std=data_cfg["std"],
+                               mixup=cfg.get("mixup", 0.0), cutmix=cfg.get("cutmix", 0.0))
+    return train_tf, build_transform("none", size=size, mean=data_cfg["mean"], std=data_cfg["std"])
+
+
 # Metrics of the selected model, by the dataset input they were measured on (validation: the held-out part of train).
 MODEL_METRICS = {"train": ("best_val_acc", "best_val_loss"),
                  "test": ("test_acc", "test_loss", "test_top5", "test_macro_f1", "test_correct", "test_errors")}
@@ -150,11 +161,7 @@ def fit_and_log(
     `val=None` is a refit: nothing is selected, the last epoch is the model and no val_* metric is logged."""
     run_id = active_run_id()
     tc = train_config(cfg)
-    data_cfg = resolve_data_config(model)
-    size = int(cfg["image_size"])
-    train_tf = build_transform(cfg["augmentation"], size=size, mean=data_cfg["mean"], std=data_cfg["std"],
-                               mixup=cfg.get("mixup", 0.0), cutmix=cfg.get("cutmix", 0.0))
-    eval_tf = build_transform("none", size=size, mean=data_cfg["mean"], std=data_cfg["std"])
+    train_tf, eval_tf = transforms_for(cfg, model)
     n_params = count_parameters(model)
     shared = (CheckpointArtifacts(run_id, checkpoint_dir),) if checkpoint_dir and shares_checkpoints() else ()
     result = fit(model, train, val, tc, train_transform=train_tf, eval_transform=eval_tf, test=test,
@@ -335,8 +342,18 @@ def run(cfg: dict[str, Any], *,
 
     `extra_tags(cfg)` adds run tags (and model-bundle extras): the transfer entry point is this same function with
     its own tags (where the initial weights came from).
+
+    Under torchrun (`nproc` > 1) every process runs this: rank 0 as above, the others as DDP replicas that train
+    the same model without MLflow (`replica`), after rank 0 has decoded the cache and fetched any checkpoint.
+    Returns None in a replica.
     """
     setup_tracking()
+    here = distributed.world()
+    if here.distributed:
+        train_config(cfg)  # a bad option fails every process before any of them waits for another
+        distributed.init(resolve_device(distributed.device_for(cfg["device"], here)))
+        if not here.main:
+            distributed.barrier()  # rank 0 has written the cache (and fetched the checkpoints) the replica reads
     checkpoint_dir = None
     if cfg["resume_run_id"]:
         cfg, checkpoint_dir = resume_config(cfg)
@@ -346,10 +363,25 @@ def run(cfg: dict[str, Any], *,
     train_config(cfg)  # validate before any work
     dataset = limit_classes(resolve_dataset(cfg), cfg["max_classes"])
     model = build_model(cfg, dataset.num_classes, for_resume=checkpoint_dir is not None)
+    if not here.main:
+        return replica(cfg, dataset, model, checkpoint_dir)
     tags = extra_tags(cfg)
-    run_tags = {tag.MODEL: cfg["model"], **tags, **({tag.SELECTION_RUN_ID: refit_of} if refit_of else {})}
+    run_tags = {tag.MODEL: cfg["model"], **tags, **({tag.SELECTION_RUN_ID: refit_of} if refit_of else {}),
+                **({tag.WORLD_SIZE: str(here.size)} if here.distributed else {})}
     run_name = f"{cfg['entry_point']}-{cfg['model']}" + ("-refit" if refit_of else "")
     with start_run(cfg["entry_point"], cfg, run_name=run_name, resume_run_id=cfg["resume_run_id"], tags=run_tags):
-        return train_in_run(cfg, dataset, model, load_splits(cfg, dataset), checkpoint_dir=checkpoint_dir,
+        splits = load_splits(cfg, dataset)
+        distributed.barrier()  # the replicas wait here for the cache and checkpoints
+        return train_in_run(cfg, dataset, model, splits, checkpoint_dir=checkpoint_dir,
                             resume=checkpoint_dir is not None,
                             info_extra={k.removeprefix(tag.PREFIX): v for k, v in tags.items()} or None)
+
+
+def replica(cfg: dict[str, Any], dataset: Dataset, model: Any, checkpoint_dir: Path | None) -> None:
+    """A DDP replica (rank > 0): the same `fit` as rank 0's on the same splits, in step with it; no MLflow, no
+    checkpoints of its own (it resumes from rank 0's), no test set (rank 0 reports it)."""
+    splits = load_splits(cfg, dataset)  # cached by rank 0: read, not decoded
+    train_tf, eval_tf = transforms_for(cfg, model)
+    fit(model, splits.train, splits.val if len(splits.val_idx) else None, train_config(cfg),
+        train_transform=train_tf, eval_transform=eval_tf, checkpoint_dir=checkpoint_dir,
+        resume=checkpoint_dir is not None)

@@ -27,6 +27,7 @@ CHECKPOINT_DIR = "carsml.checkpoint_dir"  # what resume_run_id continues from
 FOLD = "carsml.fold"  # a k-fold child: its held-out fold
 PARENT_RUN_ID = "carsml.parent_run_id"
 SELECTION_RUN_ID = "carsml.selection_run_id"  # a refit: the run whose validation chose its epochs
+WORLD_SIZE = "carsml.world_size"  # processes that trained the model together (DDP under torchrun)
 ERROR = "carsml.error"
 CONTINUED_IN = "carsml.continued_in"  # a run `mlflow run` created for a resume: the run that continued instead
 

@@ -1,0 +1,5 @@
+"""`python -m carsml` (and `torchrun ... -m carsml`): the `carsml` command line."""
+
+from carsml.cli import main
+
+main()

@@ -1,0 +1,130 @@
+"""DistributedDataParallel under a real `torchrun` (gloo, 2 processes on this machine's CPU cores): one MLflow run,
+each metric step logged once, one model, and the same result as one process with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from carsml.cli import run_experiment
+from carsml.errors import ConfigError
+from tests.conftest import REPO, free_port, kill_when
+from tests.test_promote import write_colour_dataset
+
+EPOCHS = 3
+# the colour dataset: any network tells the four colours apart within an epoch or two, so one process and two reach
+# the same (full) validation accuracy by construction, not by luck
+OPTIONS = {"image_size": 32, "head_widths": "32", "epochs": EPOCHS, "batch_size": 8, "device": "cpu", "lr": 0.003,
+           "system_metrics": False, "experiment_name": "ddp"}
+
+
+def cli_args(options: dict[str, Any]) -> list[str]:
+    return sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in options.items()), [])
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_colour_dataset(tmp_path_factory.mktemp("ddp") / "colours", train_per_class=16)
+
+
+def env_for(tmp_path: Path, uri: str) -> dict[str, str]:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "CARSML_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(key, None)
+    return env
+
+
+def test_torchrun_two_processes_make_one_run_and_learn_what_one_process_learns(
+        colours: Path, tmp_path: Path, isolated: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    options = {**OPTIONS, "data": str(colours)}
+    # `--nproc 2` relaunches the command as `torchrun --standalone --nproc-per-node=2 -m carsml improved ...`
+    launch = [sys.executable, "-m", "carsml", "improved", "--nproc", "2", *cli_args(options)]
+    done = subprocess.run(launch, env=env_for(tmp_path, uri), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("best val acc") == 1  # one summary: rank 0's
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("ddp").experiment_id
+    runs = client.search_runs([experiment])
+    assert len(runs) == 1, [r.info.run_name for r in runs]  # only rank 0 talks to MLflow
+    ddp = runs[0]
+    assert ddp.info.status == "FINISHED" and ddp.data.tags["carsml.world_size"] == ddp.data.params["nproc"] == "2"
+    for key in ("train_loss", "train_acc", "val_acc", "val_loss", "lr"):
+        assert [m.step for m in client.get_metric_history(ddp.info.run_id, key)] == list(range(1, EPOCHS + 1)), key
+    models = client.search_logged_models([experiment])
+    assert [m.source_run_id for m in models] == [ddp.info.run_id]  # the model, logged once
+    assert ddp.data.metrics["images_per_second"] > 0 and ddp.data.metrics["best_val_acc"] == 1.0
+
+    # one process, batch 8 (what the two processes did with 4 each): the same result on this dataset
+    mlflow.set_tracking_uri(uri)
+    single = run_experiment("improved", {**options, "experiment_name": "single"})
+    assert single.finals["best_val_acc"] == ddp.data.metrics["best_val_acc"]
+    assert abs(single.finals["test_acc"] - ddp.data.metrics["test_acc"]) <= 0.125  # 2 of the 16 test images
+
+
+def test_a_killed_ddp_run_resumes_under_ddp_and_logs_every_epoch_once(
+        colours: Path, tmp_path: Path) -> None:
+    """SIGKILL the launcher, torchrun and both processes after epoch 2; `--resume-run-id` with `--nproc 2` continues
+    the same run from rank 0's checkpoint, every epoch logged once."""
+    uri, epochs = f"sqlite:///{tmp_path}/mlflow.db", 6
+    env = env_for(tmp_path, uri)
+    options = {**OPTIONS, "data": str(colours), "epochs": epochs, "nproc": 2}
+    proc = subprocess.Popen([sys.executable, "-m", "carsml", "improved", *cli_args(options)], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    client = MlflowClient(uri)
+
+    def second_epoch_logged() -> str | None:
+        try:
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        except Exception:  # noqa: BLE001 - the store may not exist yet
+            return None
+        return runs[0].info.run_id if runs and len(client.get_metric_history(runs[0].info.run_id, "val_acc")) >= 2 \
+            else None
+
+    run_id = kill_when(proc, second_epoch_logged)
+    assert run_id, "training finished or timed out before it could be killed mid-way"
+    assert client.get_run(run_id).info.status == "RUNNING"  # killed: nobody ended it
+    resume = [sys.executable, "-m", "carsml", "improved", "--resume-run-id", run_id, "--nproc", "2"]
+    done = subprocess.run(resume, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("train_loss", "val_acc", "lr"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(1, epochs + 1)), key
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_bad_process_counts_fail_before_any_run(
+        colours: Path, tmp_path: Path, isolated: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nproc=64: this machine has \d+ CPU cores"):
+        run_experiment("improved", {**OPTIONS, "data": str(colours), "nproc": 64})
+    with pytest.raises(ConfigError, match=r"batch_size=7 is the global batch of 2 processes"):
+        run_experiment("improved", {**OPTIONS, "data": str(colours), "nproc": 2, "batch_size": 7})
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_an_entry_point_without_ddp_under_torchrun_and_a_rendezvous_that_never_forms_fail_clearly(
+        colours: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    world = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(free_port()), "CARSML_DIST_TIMEOUT": "3"}
+    env = {**env_for(tmp_path, uri), **world}
+    cmd = [sys.executable, "-m", "carsml"]
+    kfold = subprocess.run([*cmd, "kfold-improved", "--data", str(colours)], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert kfold.returncode == 2 and "kfold_improved does not train one model over several processes" in \
+        " ".join(kfold.stderr.split())
+    alone = subprocess.run([*cmd, "improved", *cli_args({**OPTIONS, "data": str(colours)})], env=env,
+                           capture_output=True, text=True, timeout=300)  # rank 1 never comes
+    assert alone.returncode == 2, alone.stderr[-2000:]
+    assert "did not form within 3 s" in " ".join(alone.stderr.split())
+    assert MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()]) == []
