@@ -138,6 +138,7 @@ class KFoldOptions:
     """k-fold cross-validation."""
 
     folds: int
+    folds_parallel: int
 
 
 @dataclass(frozen=True)

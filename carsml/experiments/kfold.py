@@ -3,21 +3,31 @@
 Each fold trains a fresh model on k-1 folds, selects on the held-out fold, and is evaluated on the official test split
 (as the study did). The parent logs cv_<metric>_mean/_std, a per-fold table, the mean-across-folds curves and the
 summed test confusion matrix. Folds share the decoded cache. Resuming a parent (`resume_run_id`) keeps finished folds
-and continues the others from their checkpoints.
+and continues the others from their checkpoints. `folds_parallel=N` trains up to N folds at once, each in a worker
+process of its own (a child run started there under the parent); the parent assembles the same artefacts.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pandas as pd
+import torch
 
+from carsml.config import load_config
+from carsml.data.cache import DecodedImages
 from carsml.data.splits import kfold_splits, membership_table
+from carsml.data.table import Dataset
 from carsml.engine.device import seed_everything
 from carsml.engine.loader import ArrayData
-from carsml.errors import CarsmlError
+from carsml.errors import CarsmlError, ConfigError
 from carsml.experiments.analysis import confusion_counts
 from carsml.experiments.common import build_model, cache_root, limit_classes, resolve_dataset
 from carsml.experiments.train import augment_images, decode, fit_and_log, train_config
@@ -48,69 +58,144 @@ def _finished_folds(parent_id: str) -> dict[int, Any]:
     return {int(r.data.tags[tag.FOLD]): r for r in children if tag.FOLD in r.data.tags}
 
 
+@dataclass
+class FoldData:
+    """What every fold trains and is evaluated on: the (cached) official splits and the k folds."""
+
+    dataset: Dataset
+    train_rows: DecodedImages
+    test_rows: DecodedImages | None
+    augment: ArrayData  # the train split as the augmentation reads it (`cache_scale`)
+    folds: list[tuple[np.ndarray, np.ndarray]]
+
+    @classmethod
+    def load(cls, cfg: dict[str, Any], dataset: Dataset) -> FoldData:
+        train_rows, test_rows = decode(cfg, dataset, "train"), decode(cfg, dataset, "test")
+        augment_rows = augment_images(cfg, dataset, train_rows)
+        return cls(dataset, train_rows, test_rows, ArrayData(augment_rows.images, augment_rows.labels),
+                   kfold_splits(train_rows.labels, cfg["folds"], cfg["seed"]))
+
+
+@dataclass
+class FoldOutcome:
+    """One fold's row of the per-fold table, its curves and its test confusion counts."""
+
+    row: dict[str, Any]
+    history: pd.DataFrame
+    confusion: np.ndarray | None
+
+
 def run(cfg: dict[str, Any]) -> pd.DataFrame:
     """Cross-validate the configured model; returns the per-fold table."""
     setup_tracking()
     train_config(cfg)
-    k = cfg["folds"]
+    k, parallel = cfg["folds"], cfg["folds_parallel"]
     dataset = limit_classes(resolve_dataset(cfg), cfg["max_classes"])
     build_model(cfg, dataset.num_classes)  # the model options fail here, before any run exists
     kfold_splits(dataset.split("train")["label"].to_numpy(), k, cfg["seed"])  # validate k before a run exists
+    check_parallel(parallel, str(cfg["device"]))
     previous = _finished_folds(cfg["resume_run_id"]) if cfg["resume_run_id"] else {}
     with start_run(cfg["entry_point"], cfg, run_name=f"{cfg['entry_point']}-{cfg['model']}",
                    resume_run_id=cfg["resume_run_id"]) as parent:
-        train_rows, test_rows = decode(cfg, dataset, "train"), decode(cfg, dataset, "test")
-        folds = kfold_splits(train_rows.labels, k, cfg["seed"])  # validates k before any training
+        data = FoldData.load(cfg, dataset)
         if not cfg["resume_run_id"]:
-            log_dataset(dataset, train_rows.table, "train")
-            if test_rows is not None:
-                log_dataset(dataset, test_rows.table, "test")
-            held_out = {f"val_fold{i}": va for i, (_, va) in enumerate(folds)}
-            log_csv(membership_table(train_rows.table["fname"], held_out), "data/fold_membership.csv")
-        all_train = ArrayData(train_rows.images, train_rows.labels)
-        augment_rows = augment_images(cfg, dataset, train_rows)
-        augment = ArrayData(augment_rows.images, augment_rows.labels)
-        test = ArrayData(test_rows.images, test_rows.labels) if test_rows is not None else None
-        rows, histories, confusion = [], [], None
-        with planned_fits(k - sum(r.info.status == "FINISHED" for r in previous.values()), "fold"):
-            for fold, (train_idx, val_idx) in enumerate(folds):
-                child = previous.get(fold)
-                if child is not None and child.info.status == "FINISHED":
-                    rows.append({"fold": fold, "run_id": child.info.run_id,
-                                 **{m: child.data.metrics.get(m, np.nan) for m in CV_METRICS}})
-                    histories.append(_history_of(child.info.run_id))
-                    continue
-                ckpt_tag = child.data.tags.get(tag.CHECKPOINT_DIR, "") if child is not None else ""
-                resume = child is not None and (
-                    (bool(ckpt_tag) and (Path(ckpt_tag) / "last.pt").is_file())
-                    or fetch_checkpoints(child.info.run_id, cache_root(cfg) / "checkpoints" / child.info.run_id))
-                with start_run(cfg["entry_point"], cfg, run_name=f"fold {fold} · {cfg['model']}", nested=True,
-                               resume_run_id=child.info.run_id if resume else "",
-                               tags={tag.FOLD: str(fold), tag.PARENT_RUN_ID: parent.info.run_id,
-                                     tag.MODEL: cfg["model"]}) as fold_run:
-                    ckpt = cache_root(cfg) / "checkpoints" / fold_run.info.run_id
-                    set_tags({tag.CHECKPOINT_DIR: ckpt})
-                    if not resume:  # the fold's own data inputs, so its model's metrics name their dataset
-                        log_dataset(dataset, train_rows.table, "train")
-                        if test_rows is not None:
-                            log_dataset(dataset, test_rows.table, "test")
-                    seed_everything(cfg["seed"] + fold)  # each fold's training randomness repeats
-                    model = build_model(cfg, dataset.num_classes, seed=cfg["seed"] + fold)
-                    trained = fit_and_log(cfg, model, dataset.class_names, augment.subset(train_idx),
-                                          all_train.subset(val_idx), test, checkpoint_dir=ckpt, resume=resume,
-                                          info_extra={"fold": fold})
-                rows.append({"fold": fold, "run_id": fold_run.info.run_id,
-                             **{m: trained.finals.get(m, np.nan) for m in CV_METRICS}})
-                histories.append(trained.history)
-                if trained.test is not None:
-                    counts = confusion_counts(trained.test.labels, trained.test.preds, dataset.num_classes)
-                    confusion = counts if confusion is None else confusion + counts
-        table = pd.DataFrame(rows)
-        _log_summary(table, histories, cfg)
-        if confusion is not None:
-            log_confusion_matrix(confusion, dataset.class_names, "test",
+            log_dataset(dataset, data.train_rows.table, "train")
+            if data.test_rows is not None:
+                log_dataset(dataset, data.test_rows.table, "test")
+            held_out = {f"val_fold{i}": va for i, (_, va) in enumerate(data.folds)}
+            log_csv(membership_table(data.train_rows.table["fname"], held_out), "data/fold_membership.csv")
+        outcomes: dict[int, FoldOutcome] = {}
+        for fold, child in previous.items():
+            if child.info.status == "FINISHED":
+                outcomes[fold] = FoldOutcome({"fold": fold, "run_id": child.info.run_id,
+                                              **{m: child.data.metrics.get(m, np.nan) for m in CV_METRICS}},
+                                             _history_of(child.info.run_id), None)
+        todo = [fold for fold in range(k) if fold not in outcomes]
+        jobs = [(fold, previous[fold].info.run_id if fold in previous else "") for fold in todo]
+        with planned_fits(len(todo), "fold"):
+            if parallel > 1 and len(todo) > 1:
+                outcomes.update(_parallel_folds(cfg, parent.info.run_id, jobs, parallel))
+            else:
+                for fold, child_id in jobs:
+                    outcomes[fold] = train_fold(cfg, data, fold, parent.info.run_id, child_id)
+        ordered = [outcomes[fold] for fold in range(k)]
+        table = pd.DataFrame([o.row for o in ordered])
+        _log_summary(table, [o.history for o in ordered], cfg)
+        counts = [o.confusion for o in ordered if o.confusion is not None]
+        if counts:
+            log_confusion_matrix(sum(counts[1:], counts[0]), dataset.class_names, "test",
                                  "Test confusion matrix, all folds (row-normalised)")
     return table
+
+
+def check_parallel(parallel: int, device: str) -> None:
+    """`folds_parallel`: at least 1, and on CPU no more processes than usable cores."""
+    if parallel < 1:
+        raise ConfigError(f"folds_parallel={parallel}: expected 1 (one fold after another) or more")
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    cores = len(os.sched_getaffinity(0))
+    if parallel > 1 and not on_cuda and parallel > cores:
+        raise ConfigError(f"folds_parallel={parallel}: this machine has {cores} CPU cores, and folds trained side by "
+                          f"side on CPU each need one; pass --folds-parallel {cores} or fewer")
+
+
+def train_fold(cfg: dict[str, Any], data: FoldData, fold: int, parent_id: str, child_id: str = "") -> FoldOutcome:
+    """Train (or resume, `child_id`) fold `fold` as a child run of `parent_id`; the same in the parent's process
+    and in a `folds_parallel` worker."""
+    train_idx, val_idx = data.folds[fold]
+    ckpt_tag = get_run(child_id, "resume_run_id").data.tags.get(tag.CHECKPOINT_DIR, "") if child_id else ""
+    resume = bool(child_id) and ((bool(ckpt_tag) and (Path(ckpt_tag) / "last.pt").is_file())
+                                 or fetch_checkpoints(child_id, cache_root(cfg) / "checkpoints" / child_id))
+    with start_run(cfg["entry_point"], cfg, run_name=f"fold {fold} · {cfg['model']}", nested=True,
+                   parent_run_id=parent_id, resume_run_id=child_id if resume else "",
+                   tags={tag.FOLD: str(fold), tag.PARENT_RUN_ID: parent_id, tag.MODEL: cfg["model"]}) as fold_run:
+        ckpt = cache_root(cfg) / "checkpoints" / fold_run.info.run_id
+        set_tags({tag.CHECKPOINT_DIR: ckpt})
+        if not resume:  # the fold's own data inputs, so its model's metrics name their dataset
+            log_dataset(data.dataset, data.train_rows.table, "train")
+            if data.test_rows is not None:
+                log_dataset(data.dataset, data.test_rows.table, "test")
+        seed_everything(cfg["seed"] + fold)  # each fold's training randomness repeats
+        model = build_model(cfg, data.dataset.num_classes, seed=cfg["seed"] + fold)
+        all_train = ArrayData(data.train_rows.images, data.train_rows.labels)
+        test = ArrayData(data.test_rows.images, data.test_rows.labels) if data.test_rows is not None else None
+        trained = fit_and_log(cfg, model, data.dataset.class_names, data.augment.subset(train_idx),
+                              all_train.subset(val_idx), test, checkpoint_dir=ckpt, resume=resume,
+                              info_extra={"fold": fold})
+    confusion = (confusion_counts(trained.test.labels, trained.test.preds, data.dataset.num_classes)
+                 if trained.test is not None else None)
+    return FoldOutcome({"fold": fold, "run_id": fold_run.info.run_id,
+                        **{m: trained.finals.get(m, np.nan) for m in CV_METRICS}}, trained.history, confusion)
+
+
+def _parallel_folds(cfg: dict[str, Any], parent_id: str, jobs: list[tuple[int, str]],
+                    parallel: int) -> dict[int, FoldOutcome]:
+    """Train `jobs` (fold, child run to resume or "") in up to `parallel` worker processes (spawned: a fresh
+    interpreter each, its torch threads a share of the cores; on several GPUs, fold i on cuda:i mod count)."""
+    workers = min(parallel, len(jobs))
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                             initargs=(mlflow.get_tracking_uri(), threads)) as pool:
+        futures = {fold: pool.submit(_fold_worker, dict(cfg), fold, parent_id, child_id) for fold, child_id in jobs}
+        return {fold: future.result() for fold, future in futures.items()}
+
+
+def _worker_init(tracking_uri: str, threads: int) -> None:
+    os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run is the parent's, not a worker's
+    mlflow.set_tracking_uri(tracking_uri)
+    torch.set_num_threads(threads)
+
+
+def _fold_worker(values: dict[str, Any], fold: int, parent_id: str, child_id: str) -> FoldOutcome:
+    """A `folds_parallel` worker: fold `fold` of the parent's config (`values`), on its own GPU when there are
+    several."""
+    cfg = load_config(values["entry_point"], {k: v for k, v in values.items() if k != "entry_point"})
+    device = str(cfg["device"])
+    if (device in ("cuda", "auto") and torch.cuda.is_available() and torch.cuda.device_count() > 1):
+        cfg = cfg.replace(device=f"cuda:{fold % torch.cuda.device_count()}")
+    dataset = limit_classes(resolve_dataset(cfg), cfg["max_classes"])
+    return train_fold(cfg, FoldData.load(cfg, dataset), fold, parent_id, child_id)
 
 
 def _history_of(run_id: str) -> pd.DataFrame:

@@ -248,15 +248,17 @@ def start_run(
     nested: bool = False,
     resume_run_id: str = "",
     tags: dict[str, str] | None = None,
+    parent_run_id: str = "",
 ) -> Iterator[mlflow.ActiveRun]:
     """Start (or join, or resume) the run for an entry point; log config, tags, and end it FAILED on error.
 
-    Inside `steps_of(parent)` (the study), an entry point's own run is a child of that parent."""
+    Inside `steps_of(parent)` (the study), an entry point's own run is a child of that parent. `parent_run_id`: a
+    child of that run, started in another process than the parent's (k-fold's parallel folds)."""
     setup_tracking()
     system = bool(cfg.get("system_metrics", False))  # training runs: CPU / GPU / memory as system/* metrics
     active_now = mlflow.active_run()
     is_step = _STEPS_OF is not None and active_now is not None and active_now.info.run_id == _STEPS_OF
-    nested = nested or is_step
+    nested = nested or is_step or bool(parent_run_id)
     launched_run = os.environ.get("MLFLOW_RUN_ID") if not nested else None
     if launched_run and mlflow.active_run() is None and resume_run_id and resume_run_id != launched_run:
         # `mlflow run -P resume_run_id=X` created a fresh run; continue X instead. The fresh run stays (`mlflow run`
@@ -269,6 +271,10 @@ def start_run(
         if not nested:  # children created after a resume must land in the resumed run's experiment
             mlflow.set_experiment(experiment_id=resumed.info.experiment_id)
         active = mlflow.start_run(run_id=resume_run_id, nested=nested, log_system_metrics=system)
+    elif parent_run_id and active_now is None:
+        mlflow.set_experiment(experiment_id=MlflowClient().get_run(parent_run_id).info.experiment_id)
+        active = mlflow.start_run(run_name=run_name or entry_point, parent_run_id=parent_run_id,
+                                  log_system_metrics=system)
     elif launched_run or nested:
         active = mlflow.start_run(run_name=run_name or entry_point, nested=nested, log_system_metrics=system)
     else:
