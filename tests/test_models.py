@@ -273,7 +273,7 @@ def test_a_seeded_model_leaves_the_global_random_state_alone() -> None:
     assert not torch.equal(torch.get_rng_state(), unseeded)  # without a seed: the global generator, as before
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_a_seeded_model_leaves_the_cuda_random_state_alone() -> None:
     torch.cuda.manual_seed_all(3)
     before = torch.cuda.get_rng_state_all()

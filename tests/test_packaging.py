@@ -57,3 +57,11 @@ def test_a_non_editable_install_ships_the_defaults(tmp_path: Path) -> None:
     assert help_text.returncode == 0, help_text.stderr[-3000:]
     for command in ("baseline", "improved", "transfer-all", "features-rf", "tune", "promote"):
         assert command in help_text.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="on a GPU machine the check runs for real")
+def test_the_gpu_check_skips_cleanly_without_cuda() -> None:
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "VIRTUAL_ENV": sys.prefix, "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "no CUDA device on this machine; skipped" in done.stdout

@@ -302,8 +302,9 @@ def test_two_workers_share_one_study_and_log_to_a_tracking_server(
 
 def test_a_killed_workers_trial_is_failed_and_retried_by_the_next_worker(
         colours: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Worker A (its own process) is SIGKILLed inside its trial; worker B, started after two heartbeat intervals,
-    fails that trial (and its MLflow run), retries its parameters and completes the study's budget."""
+    """Worker A (its own process) is SIGKILLed inside its trial; workers B (this process) and C (another), started
+    after two heartbeat intervals, share the study: the first to start a trial fails A's (and its MLflow run) and
+    retries its parameters, and the two complete their budget."""
     storage = f"sqlite:///{tmp_path}/optuna.db"
     params = {**TUNE, "data": str(colours), "storage": storage, "study_name": "killed", "pruner": "none",
               "heartbeat_interval": 1, "max_retry": 1, "n_trials": 1, "epochs": 30}  # a trial lasts seconds
@@ -326,11 +327,19 @@ def test_a_killed_workers_trial_is_failed_and_retried_by_the_next_worker(
     assert killed_run, "worker A ended before its trial could be killed"
     time.sleep(2.5)  # past the grace period (two heartbeat intervals) without a heartbeat
 
-    result = run_experiment("tune", {**params, "n_trials": 2})  # worker B
+    worker_c = subprocess.Popen([sys.executable, "-m", "carsml.cli", "tune", *args], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        result = run_experiment("tune", params)  # worker B
+    finally:
+        _, c_errors = worker_c.communicate(timeout=600)
+    assert worker_c.returncode == 0, c_errors[-2000:]
     trials = optuna.load_study(study_name="killed", storage=storage).trials
-    assert trials[0].state == States.FAIL  # A's trial, failed by B
+    assert trials[0].state == States.FAIL  # A's trial, failed by B or C
     retried = [t for t in trials if t.system_attrs.get("failed_trial") == trials[0].number]
     assert len(retried) == 1 and retried[0].params == trials[0].params
-    assert sum(t.state == States.COMPLETE for t in trials) == 2 and len(result.states) == 2
+    assert sum(t.state == States.COMPLETE for t in trials) == 2 and len(result.states) == 1
+    assert not any(t.state == States.RUNNING for t in trials)
     killed = MlflowClient().get_run(killed_run)
     assert killed.info.status == "FAILED" and "no heartbeat" in killed.data.tags["carsml.error"]

@@ -22,7 +22,10 @@ import torch.distributed as dist
 
 from carsml.errors import CarsmlError, ConfigError
 
-RENDEZVOUS_TIMEOUT_S = int(os.environ.get("CARSML_DIST_TIMEOUT", "120"))  # processes that never meet: fail, not hang
+# How long a process waits for the others: to form the group (processes that never meet fail, not hang), and in every
+# collective (replicas wait there while rank 0 decodes the cache or evaluates a large test set). A multi-machine
+# rendezvous is torchrun's own, before carsml starts: `--rdzv-conf join_timeout=SECONDS` bounds it.
+TIMEOUT_S = int(os.environ.get("CARSML_DIST_TIMEOUT", "1800"))
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ def device_for(name: str, here: World) -> str:
 
 def init(device: torch.device) -> World:
     """Join the process group (once): NCCL for CUDA devices, gloo otherwise. A group that does not form within
-    RENDEZVOUS_TIMEOUT_S raises a CarsmlError naming the address, instead of waiting for ever."""
+    TIMEOUT_S (CARSML_DIST_TIMEOUT) raises a CarsmlError naming the address, instead of waiting for ever."""
     here = world()
     if not here.distributed or dist.is_initialized():
         return here
@@ -77,11 +80,11 @@ def init(device: torch.device) -> World:
         torch.cuda.set_device(device)
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_S))
     except (RuntimeError, ValueError) as exc:  # DistStoreError is a RuntimeError
         raise CarsmlError(f"rank {here.rank} of {here.size}: the process group at {where} ({backend}) did not form "
-                          f"within {RENDEZVOUS_TIMEOUT_S} s ({exc}); start every process with the same torchrun "
-                          "--rdzv-endpoint / --nnodes (docs/scaling.md)") from None
+                          f"within {TIMEOUT_S} s (CARSML_DIST_TIMEOUT; {exc}); start every process with the same "
+                          "torchrun --rdzv-endpoint / --nnodes (docs/scaling.md)") from None
     return here
 
 
