@@ -95,6 +95,33 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"carsml test variant: {VARIANT or 'default'} (torch threads {torch.get_num_threads()})"
 
 
+# processes a test module may leave to the end of the session: multiprocessing's own helper (spawned workers start it)
+LONG_LIVED = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_process_left_behind() -> Iterator[None]:
+    """After each test module: no process it started (servers, torchrun, workers) is still running."""
+    import psutil
+
+    yield
+    me = psutil.Process()
+    deadline = time.monotonic() + 15  # a process being stopped gets a moment to exit
+    while True:
+        alive = []
+        for child in me.children(recursive=True):
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE and not any(
+                        name in " ".join(child.cmdline()) for name in LONG_LIVED):
+                    alive.append(" ".join(child.cmdline())[:200])
+            except psutil.NoSuchProcess:
+                continue
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not alive, f"processes left behind by this module: {alive}"
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("carsml-cache")

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
@@ -87,7 +86,7 @@ class FoldOutcome:
 
 def run(cfg: dict[str, Any]) -> pd.DataFrame:
     """Cross-validate the configured model; returns the per-fold table."""
-    setup_tracking()
+    tracking_uri = setup_tracking()
     train_config(cfg)
     k, parallel = cfg["folds"], cfg["folds_parallel"]
     dataset = limit_classes(resolve_dataset(cfg), cfg["max_classes"])
@@ -114,7 +113,7 @@ def run(cfg: dict[str, Any]) -> pd.DataFrame:
         jobs = [(fold, previous[fold].info.run_id if fold in previous else "") for fold in todo]
         with planned_fits(len(todo), "fold"):
             if parallel > 1 and len(todo) > 1:
-                outcomes.update(_parallel_folds(cfg, parent.info.run_id, jobs, parallel))
+                outcomes.update(_parallel_folds(cfg, parent.info.run_id, jobs, parallel, tracking_uri))
             else:
                 for fold, child_id in jobs:
                     outcomes[fold] = train_fold(cfg, data, fold, parent.info.run_id, child_id)
@@ -168,22 +167,22 @@ def train_fold(cfg: dict[str, Any], data: FoldData, fold: int, parent_id: str, c
                         **{m: trained.finals.get(m, np.nan) for m in CV_METRICS}}, trained.history, confusion)
 
 
-def _parallel_folds(cfg: dict[str, Any], parent_id: str, jobs: list[tuple[int, str]],
-                    parallel: int) -> dict[int, FoldOutcome]:
+def _parallel_folds(cfg: dict[str, Any], parent_id: str, jobs: list[tuple[int, str]], parallel: int,
+                    tracking_uri: str) -> dict[int, FoldOutcome]:
     """Train `jobs` (fold, child run to resume or "") in up to `parallel` worker processes (spawned: a fresh
     interpreter each, its torch threads a share of the cores; on several GPUs, fold i on cuda:i mod count)."""
     workers = min(parallel, len(jobs))
     threads = max(1, len(os.sched_getaffinity(0)) // workers)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                             initargs=(mlflow.get_tracking_uri(), threads)) as pool:
+                             initargs=(tracking_uri, threads)) as pool:
         futures = {fold: pool.submit(_fold_worker, dict(cfg), fold, parent_id, child_id) for fold, child_id in jobs}
         return {fold: future.result() for fold, future in futures.items()}
 
 
 def _worker_init(tracking_uri: str, threads: int) -> None:
     os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run is the parent's, not a worker's
-    mlflow.set_tracking_uri(tracking_uri)
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # the parent's store (`setup_tracking` reads it)
     torch.set_num_threads(threads)
 
 
