@@ -222,9 +222,10 @@ def main() -> None:
     n_one, n_32 = (len(result["times"][("served", n)]) for n in BATCHES)
     ok_latency, ok_throughput = ratios["latency_1"] <= 1.5, ratios["throughput_32"] >= 0.8
     verdict = {True: "met", False: "not met"}
+    flag = f" --serve-threads {args.serve_threads}" if args.serve_threads else ""
     body = f"""## Serving: `mlflow models serve` vs the bare forward pass
 
-`python benchmarks/serving.py`: a tiny resnet50 at 64 px (one `transfer` epoch from scratch) served by a real
+`python benchmarks/serving.py{flag}`: a tiny resnet50 at 64 px (one `transfer` epoch from scratch) served by a real
 `mlflow models serve --env-manager local` on 127.0.0.1 with {setting}: {result["threads"]} torch thread(s) per
 forward on {result["slots"]} inference thread(s), {result["decode_threads"]} decoding thread(s). Requests of real
 Stanford Cars JPEGs (bbox crops, ~43 KB each) are sent one after another: {n_one} one-image and {n_32} 32-image
