@@ -380,7 +380,7 @@ def test_after_the_abuse_the_servers_memory_stays_bounded(servers: dict[str, Ser
 def test_serve_threads_comes_from_the_environment_or_the_default() -> None:
     assert serve_threads({}) == default_threads() >= 1
     assert serve_threads({SERVE_THREADS_ENV: " 3 "}) == 3
-    assert default_threads(2) == 1 and default_threads(1) == 1 and default_threads(16) == 8
+    assert default_threads(2) == 2 and default_threads(1) == 1 and default_threads(16) == 16
     for bad in ("0", "-2", "two", "1.5"):
         with pytest.raises(MlflowException, match=f"{SERVE_THREADS_ENV}='{bad}' is invalid"):
             serve_threads({SERVE_THREADS_ENV: bad})

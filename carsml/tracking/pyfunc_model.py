@@ -24,8 +24,8 @@ float32 (SERVE_AMP), the inference path of evaluation.
 Threads: the scoring server calls `predict` from a pool of worker threads, and every thread that runs torch gets its
 own OpenMP team; teams on the same cores slow each other down, and an OpenMP team waits for its slowest thread at every
 layer. So the network only ever runs on this model's own inference threads: usable cores // CARSML_SERVE_THREADS of
-them, each with CARSML_SERVE_THREADS torch intra-op threads (default `default_threads()`: 1 on 2 cores), loaded there
-too; a batch is split across them. The rest of the process keeps torch's own thread setting.
+them, each with CARSML_SERVE_THREADS torch intra-op threads (default `default_threads()`: every usable core), loaded
+there too; a batch is split across them. The rest of the process keeps torch's own thread setting.
 """
 
 from __future__ import annotations
@@ -93,14 +93,15 @@ def usable_cores() -> int:
 
 
 def default_threads(cores: int | None = None) -> int:
-    """torch intra-op threads per forward when CARSML_SERVE_THREADS is unset: half the usable cores, at least 1.
+    """torch intra-op threads per forward when CARSML_SERVE_THREADS is unset: every usable core (one inference thread).
 
-    Measured on 2 cores shared with other work (benchmarks/serving.py, docs/serving.md): with one thread the served
-    forward kept pace with the bare one (p50 ~1.2x for one image); with two, the OpenMP threads waited on each other at
-    every layer whenever either was preempted, and the served p50 went to ~5x (p95 ~40x). The other half of the cores
-    is left to decoding, HTTP and JSON, and to a second inference thread (batches are split across them).
+    Measured on a quiet 2-core machine (benchmarks/serving.py, docs/serving.md): with both cores on one forward the
+    served p50 for one image was 0.95x the bare forward, with one core 1.95x; batch-32 throughput was 0.81x either
+    way. On a machine shared with other work the OpenMP threads of one forward wait on each other whenever one is
+    preempted (served p50 ~4.7x, p95 ~37x measured so): set CARSML_SERVE_THREADS to half the cores there, which also
+    gives a second inference thread (a batch is split across them).
     """
-    return max(1, (cores or usable_cores()) // 2)
+    return max(1, cores or usable_cores())
 
 
 def serve_threads(environ: Mapping[str, str] | None = None) -> int:
