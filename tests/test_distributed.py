@@ -19,10 +19,11 @@ from tests.conftest import REPO, free_port, kill_when
 from tests.test_promote import write_colour_dataset
 
 EPOCHS = 5
-# the colour dataset: any network tells the four colours apart within an epoch or two, so one process and two reach
-# the same (full) validation accuracy by construction, not by luck
-OPTIONS = {"image_size": 32, "head_widths": "32", "epochs": EPOCHS, "batch_size": 8, "device": "cpu", "lr": 0.003,
-           "system_metrics": False, "experiment_name": "ddp"}
+# the colour dataset (32 train images per class): without augmentation or a schedule, lr 1e-3, improved_cnn and
+# baseline_cnn tell the four colours apart by epoch 3 and stay there (measured with 1 and 2 threads, bf16 and float32,
+# batch 4 and 8), so one process and two reach the same (full) validation accuracy by construction, not by luck
+OPTIONS = {"image_size": 32, "head_widths": "32", "epochs": EPOCHS, "batch_size": 8, "device": "cpu", "lr": 0.001,
+           "augmentation": "none", "scheduler": "none", "system_metrics": False, "experiment_name": "ddp"}
 
 
 def cli_args(options: dict[str, Any]) -> list[str]:
@@ -31,7 +32,7 @@ def cli_args(options: dict[str, Any]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_colour_dataset(tmp_path_factory.mktemp("ddp") / "colours", train_per_class=16)
+    return write_colour_dataset(tmp_path_factory.mktemp("ddp") / "colours", train_per_class=32)
 
 
 def env_for(tmp_path: Path, uri: str) -> dict[str, str]:
@@ -68,7 +69,7 @@ def test_torchrun_two_processes_make_one_run_and_learn_what_one_process_learns(
     mlflow.set_tracking_uri(uri)
     single = run_experiment("improved", {**options, "experiment_name": "single"})
     assert single.finals["best_val_acc"] == ddp.data.metrics["best_val_acc"]
-    assert abs(single.finals["test_acc"] - ddp.data.metrics["test_acc"]) <= 0.125  # 2 of the 16 test images
+    assert single.finals["test_acc"] == ddp.data.metrics["test_acc"] == 1.0
 
 
 def test_a_killed_ddp_run_resumes_under_ddp_and_logs_every_epoch_once(
@@ -157,7 +158,7 @@ def test_folds_parallel_gives_the_parent_the_same_artefacts_as_folds_one_after_a
                                   f"tags.mlflow.parentRunId = '{parallel.info.run_id}'")
     assert sorted(c.info.run_name for c in children) == ["fold 0 · baseline_cnn", "fold 1 · baseline_cnn"]
     assert all(c.info.status == "FINISHED" and c.data.params["folds_parallel"] == "2" for c in children)
-    # the folds learn the colours either way (validation accuracy 1.0 from epoch 4 on this dataset; the losses
+    # the folds learn the colours either way (validation accuracy 1.0 from epoch 3 on this dataset; the losses
     # differ in the last digits: a worker runs torch on its share of the cores)
     assert parallel.data.metrics["cv_best_val_acc_mean"] == sequential.data.metrics["cv_best_val_acc_mean"] == 1.0
     with pytest.raises(ConfigError, match=r"folds_parallel=64: this machine has \d+ CPU cores"):
