@@ -36,9 +36,9 @@ def run_experiment(name: str, overrides: dict[str, Any] | None = None, *, passes
     cfg = load_config(name, overrides, passes_defaults=passes_defaults)
     here = distributed.world()
     if here.distributed and "nproc" not in cfg:
-        raise ConfigError(f"{name} does not train one model over several processes (torchrun started "
-                          f"{here.size}); DDP trains baseline, improved and transfer runs (`--nproc N`). k-fold: "
-                          "`folds_parallel`; tuning: start several workers on one study (docs/scaling.md)")
+        raise ConfigError(f"{name} does not train over several processes (torchrun started {here.size}); DDP "
+                          "trains baseline, improved and transfer runs, k-fold folds and tuning trials (`--nproc N`); "
+                          "docs/scaling.md")
     if cfg.get("nproc", 1) > 1 and not here.distributed:
         return launch(name, cfg)
     if here.distributed:  # the processes torchrun started: what the run records (`torchrun` run by hand too)
@@ -59,6 +59,10 @@ def launch(name: str, cfg: Mapping[str, Any]) -> None:
         what = "CUDA devices" if on_cuda else "CPU cores (gloo, one process per core at most)"
         raise ConfigError(f"nproc={nproc}: this machine has {available} {what}; pass --nproc {available} or fewer")
     distributed.check_config(cfg["batch_size"], cfg.get("freeze_backbone_epochs", 0), distributed.World(size=nproc))
+    if "folds_parallel" in cfg:
+        from carsml.experiments.kfold import check_parallel
+
+        check_parallel(cfg["folds_parallel"], device, nproc)
     argv = [*COMMANDS[name].split()]
     for key in options(name):  # `--nproc` would be taken for torchrun's `--nproc-per-node`: WORLD_SIZE tells it
         if key != "nproc":

@@ -128,7 +128,8 @@ class RefitOptions:
 
 @dataclass(frozen=True)
 class ProcessOptions:
-    """How many processes train the one model (DistributedDataParallel under torchrun)."""
+    """How many processes train each model (DistributedDataParallel under torchrun): the run's, each fold's, each
+    trial's."""
 
     nproc: int
 
@@ -303,12 +304,12 @@ FAMILIES: dict[str, dict[str, type]] = {
     "_train": _TRAIN,
     "baseline": {**_TRAIN, "refit": RefitOptions, "process": ProcessOptions},
     "improved": {**_TRAIN, "refit": RefitOptions, "process": ProcessOptions},
-    "kfold_baseline": {**_TRAIN, "kfold": KFoldOptions},
-    "kfold_improved": {**_TRAIN, "kfold": KFoldOptions},
+    "kfold_baseline": {**_TRAIN, "kfold": KFoldOptions, "process": ProcessOptions},
+    "kfold_improved": {**_TRAIN, "kfold": KFoldOptions, "process": ProcessOptions},
     "transfer": {**_TRAIN, "init": InitOptions, "transfer": TransferOptions, "refit": RefitOptions,
                  "process": ProcessOptions},
     "transfer_all": {**_TRAIN, "init": InitOptions, "transfer": TransferOptions, "transfer_all": TransferAllOptions},
-    "tune": {**_TRAIN, "init": InitOptions, "tune": TuneOptions},
+    "tune": {**_TRAIN, "init": InitOptions, "tune": TuneOptions, "process": ProcessOptions},
     "data_analysis": {"data": DataOptions, "tracking": TrackingOptions, "data_analysis": DataAnalysisOptions},
     "errors": {**_SOURCE, "errors": ErrorsOptions},
     "tta": {**_SOURCE, "tta": TtaOptions},

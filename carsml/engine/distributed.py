@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -104,6 +105,26 @@ def from_main(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.broadcast(t, src=0)
     return t.tolist()
+
+
+def share(value: Any) -> Any:
+    """Rank 0's `value` (any picklable object) on every process: what a replica needs to follow rank 0, e.g. the
+    next fold's checkpoint folder or the next trial's parameters (`value` itself with one process)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class Stopped(CarsmlError):
+    """Raised in a replica when rank 0 stopped its fit after an epoch (a callback raised, e.g. a pruned trial)."""
+
+
+def stop_with_main(stop: bool, device: torch.device) -> bool:
+    """After each epoch: whether rank 0 stops the fit (`stop` on rank 0), on every process, so the replicas leave
+    the loop with it instead of waiting in the next all-reduce."""
+    return bool(from_main([1.0 if stop else 0.0], device)[0])
 
 
 def barrier() -> None:

@@ -25,7 +25,8 @@ Any `nn.Module` mapping float N×C×H×W to logits works. Conventions:
       is smaller than one batch.
     * under `torchrun` (engine/distributed.py) each process trains a DDP replica on its share of every global
       batch (`batch_size` is the global batch); train metrics are summed over the processes, rank 0 evaluates
-      and its validation results drive every process's decisions; only rank 0 checkpoints and calls callbacks.
+      and its validation results drive every process's decisions; only rank 0 checkpoints and calls callbacks;
+      when a callback stops rank 0's fit (e.g. a pruned trial), each replica's fit raises `distributed.Stopped`.
 """
 
 from __future__ import annotations
@@ -425,7 +426,13 @@ def fit(
             metrics = loop.run_epoch(epoch)
             loop.history.append({"epoch": epoch, **metrics})
             loop.save(epoch)
-            hooks.on_epoch_end(epoch, dict(metrics))
+            try:
+                hooks.on_epoch_end(epoch, dict(metrics))
+            except BaseException:
+                distributed.stop_with_main(True, loop.device)  # the replicas stop with rank 0 (e.g. a pruned trial)
+                raise
+            if distributed.stop_with_main(False, loop.device):
+                raise distributed.Stopped(f"rank 0 stopped the fit after epoch {epoch}")
         model.load_state_dict(loop.result().best_state_dict)
         result = loop.result()
         hooks.on_fit_end(result)

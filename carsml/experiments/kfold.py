@@ -4,7 +4,9 @@ Each fold trains a fresh model on k-1 folds, selects on the held-out fold, and i
 (as the study did). The parent logs cv_<metric>_mean/_std, a per-fold table, the mean-across-folds curves and the
 summed test confusion matrix. Folds share the decoded cache. Resuming a parent (`resume_run_id`) keeps finished folds
 and continues the others from their checkpoints. `folds_parallel=N` trains up to N folds at once, each in a worker
-process of its own (a child run started there under the parent); the parent assembles the same artefacts.
+process of its own (a child run started there under the parent); the parent assembles the same artefacts. Under torchrun
+(`nproc` > 1) each fold is one model trained by all the processes (DDP): rank 0 runs everything below, the others
+follow it fold by fold (`fold_replica`).
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from carsml.config import load_config
 from carsml.data.cache import DecodedImages
 from carsml.data.splits import kfold_splits, membership_table
 from carsml.data.table import Dataset
+from carsml.engine import distributed
 from carsml.engine.device import seed_everything
 from carsml.engine.loader import ArrayData
 from carsml.errors import CarsmlError, ConfigError
 from carsml.experiments.analysis import confusion_counts
 from carsml.experiments.common import build_model, cache_root, limit_classes, resolve_dataset
-from carsml.experiments.train import augment_images, decode, fit_and_log, train_config
+from carsml.experiments.train import augment_images, decode, fit_and_log, join_processes, replica_fit, train_config
 from carsml.progress import planned_fits
 from carsml.tracking import figures
 from carsml.tracking import tags as tag
@@ -74,6 +77,10 @@ class FoldData:
         return cls(dataset, train_rows, test_rows, ArrayData(augment_rows.images, augment_rows.labels),
                    kfold_splits(train_rows.labels, cfg["folds"], cfg["seed"]))
 
+    def val(self, fold: int) -> ArrayData:
+        """Fold `fold`'s held-out images, at the evaluation size."""
+        return ArrayData(self.train_rows.images, self.train_rows.labels).subset(self.folds[fold][1])
+
 
 @dataclass
 class FoldOutcome:
@@ -89,14 +96,19 @@ def run(cfg: dict[str, Any]) -> pd.DataFrame:
     tracking_uri = setup_tracking()
     train_config(cfg)
     k, parallel = cfg["folds"], cfg["folds_parallel"]
+    check_parallel(parallel, str(cfg["device"]), cfg.get("nproc", 1))
+    here = join_processes(cfg)
     dataset = limit_classes(resolve_dataset(cfg), cfg["max_classes"])
     build_model(cfg, dataset.num_classes)  # the model options fail here, before any run exists
     kfold_splits(dataset.split("train")["label"].to_numpy(), k, cfg["seed"])  # validate k before a run exists
-    check_parallel(parallel, str(cfg["device"]))
+    if not here.main:
+        fold_replica(cfg, dataset)
+        return pd.DataFrame()
     previous = _finished_folds(cfg["resume_run_id"]) if cfg["resume_run_id"] else {}
     with start_run(cfg["entry_point"], cfg, run_name=f"{cfg['entry_point']}-{cfg['model']}",
                    resume_run_id=cfg["resume_run_id"]) as parent:
         data = FoldData.load(cfg, dataset)
+        distributed.barrier()  # DDP replicas wait here for the cache
         if not cfg["resume_run_id"]:
             log_dataset(dataset, data.train_rows.table, "train")
             if data.test_rows is not None:
@@ -111,6 +123,7 @@ def run(cfg: dict[str, Any]) -> pd.DataFrame:
                                              _history_of(child.info.run_id), None)
         todo = [fold for fold in range(k) if fold not in outcomes]
         jobs = [(fold, previous[fold].info.run_id if fold in previous else "") for fold in todo]
+        distributed.share(todo)  # the folds DDP replicas train with rank 0
         with planned_fits(len(todo), "fold"):
             if parallel > 1 and len(todo) > 1:
                 outcomes.update(_parallel_folds(cfg, parent.info.run_id, jobs, parallel, tracking_uri))
@@ -127,10 +140,13 @@ def run(cfg: dict[str, Any]) -> pd.DataFrame:
     return table
 
 
-def check_parallel(parallel: int, device: str) -> None:
-    """`folds_parallel`: at least 1, and on CPU no more processes than usable cores."""
+def check_parallel(parallel: int, device: str, nproc: int = 1) -> None:
+    """`folds_parallel`: at least 1, on CPU no more processes than usable cores, and not with DDP (`nproc` > 1)."""
     if parallel < 1:
         raise ConfigError(f"folds_parallel={parallel}: expected 1 (one fold after another) or more")
+    if parallel > 1 and nproc > 1:
+        raise ConfigError(f"folds_parallel={parallel} with nproc={nproc}: either several folds at once (one process "
+                          "each) or each fold over several processes (DDP), not both; pass one of them as 1")
     on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     cores = len(os.sched_getaffinity(0))
     if parallel > 1 and not on_cuda and parallel > cores:
@@ -141,7 +157,6 @@ def check_parallel(parallel: int, device: str) -> None:
 def train_fold(cfg: dict[str, Any], data: FoldData, fold: int, parent_id: str, child_id: str = "") -> FoldOutcome:
     """Train (or resume, `child_id`) fold `fold` as a child run of `parent_id`; the same in the parent's process
     and in a `folds_parallel` worker."""
-    train_idx, val_idx = data.folds[fold]
     ckpt_tag = get_run(child_id, "resume_run_id").data.tags.get(tag.CHECKPOINT_DIR, "") if child_id else ""
     resume = bool(child_id) and ((bool(ckpt_tag) and (Path(ckpt_tag) / "last.pt").is_file())
                                  or fetch_checkpoints(child_id, cache_root(cfg) / "checkpoints" / child_id))
@@ -154,17 +169,31 @@ def train_fold(cfg: dict[str, Any], data: FoldData, fold: int, parent_id: str, c
             log_dataset(data.dataset, data.train_rows.table, "train")
             if data.test_rows is not None:
                 log_dataset(data.dataset, data.test_rows.table, "test")
-        seed_everything(cfg["seed"] + fold)  # each fold's training randomness repeats
-        model = build_model(cfg, data.dataset.num_classes, seed=cfg["seed"] + fold)
-        all_train = ArrayData(data.train_rows.images, data.train_rows.labels)
+        model = fold_model(cfg, data, fold)
         test = ArrayData(data.test_rows.images, data.test_rows.labels) if data.test_rows is not None else None
-        trained = fit_and_log(cfg, model, data.dataset.class_names, data.augment.subset(train_idx),
-                              all_train.subset(val_idx), test, checkpoint_dir=ckpt, resume=resume,
-                              info_extra={"fold": fold})
+        distributed.share((str(ckpt), resume))  # where DDP replicas resume this fold from
+        trained = fit_and_log(cfg, model, data.dataset.class_names, data.augment.subset(data.folds[fold][0]),
+                              data.val(fold), test, checkpoint_dir=ckpt, resume=resume, info_extra={"fold": fold})
     confusion = (confusion_counts(trained.test.labels, trained.test.preds, data.dataset.num_classes)
                  if trained.test is not None else None)
     return FoldOutcome({"fold": fold, "run_id": fold_run.info.run_id,
                         **{m: trained.finals.get(m, np.nan) for m in CV_METRICS}}, trained.history, confusion)
+
+
+def fold_model(cfg: dict[str, Any], data: FoldData, fold: int) -> torch.nn.Module:
+    """Fold `fold`'s initial model, its training randomness seeded (each fold's repeats: seed + fold)."""
+    seed_everything(cfg["seed"] + fold)
+    return build_model(cfg, data.dataset.num_classes, seed=cfg["seed"] + fold)
+
+
+def fold_replica(cfg: dict[str, Any], dataset: Dataset) -> None:
+    """A DDP replica of `run` (rank > 0): trains each fold rank 0 trains, in step with it (`train_fold`), resuming
+    from the checkpoint folder rank 0 resumes from; rank 0 alone logs, tests and assembles the parent run."""
+    data = FoldData.load(cfg, dataset)  # cached by rank 0: read, not decoded
+    for fold in distributed.share(None):
+        checkpoint_dir, resume = distributed.share(None)
+        replica_fit(cfg, fold_model(cfg, data, fold), data.augment.subset(data.folds[fold][0]), data.val(fold),
+                    Path(checkpoint_dir), resume=resume)
 
 
 def _parallel_folds(cfg: dict[str, Any], parent_id: str, jobs: list[tuple[int, str]], parallel: int,

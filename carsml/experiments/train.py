@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 from collections.abc import Callable
@@ -348,12 +349,7 @@ def run(cfg: dict[str, Any], *,
     Returns None in a replica.
     """
     setup_tracking()
-    here = distributed.world()
-    if here.distributed:
-        train_config(cfg)  # a bad option fails every process before any of them waits for another
-        distributed.init(resolve_device(distributed.device_for(cfg["device"], here)))
-        if not here.main:
-            distributed.barrier()  # rank 0 has written the cache (and fetched the checkpoints) the replica reads
+    here = join_processes(cfg)
     checkpoint_dir = None
     if cfg["resume_run_id"]:
         cfg, checkpoint_dir = resume_config(cfg)
@@ -377,11 +373,32 @@ def run(cfg: dict[str, Any], *,
                             info_extra={k.removeprefix(tag.PREFIX): v for k, v in tags.items()} or None)
 
 
+def join_processes(cfg: dict[str, Any]) -> distributed.World:
+    """This process's place under torchrun (one process: nothing to do). Every process checks the options first, so a
+    bad one fails them all before any waits for another; then it joins the process group, and a replica (rank > 0)
+    waits until rank 0 has decoded the cache (and fetched any checkpoint) it will read: rank 0 calls
+    `distributed.barrier()` once it has."""
+    here = distributed.world()
+    if here.distributed:
+        train_config(cfg)
+        distributed.init(resolve_device(distributed.device_for(cfg["device"], here)))
+        if not here.main:
+            distributed.barrier()
+    return here
+
+
 def replica(cfg: dict[str, Any], dataset: Dataset, model: Any, checkpoint_dir: Path | None) -> None:
-    """A DDP replica (rank > 0): the same `fit` as rank 0's on the same splits, in step with it; no MLflow, no
-    checkpoints of its own (it resumes from rank 0's), no test set (rank 0 reports it)."""
+    """A DDP replica of `run` (rank > 0): the same `fit` as rank 0's on the same splits."""
     splits = load_splits(cfg, dataset)  # cached by rank 0: read, not decoded
+    replica_fit(cfg, model, splits.train, splits.val if len(splits.val_idx) else None, checkpoint_dir)
+
+
+def replica_fit(cfg: dict[str, Any], model: Any, train: ArrayData, val: ArrayData | None,
+                checkpoint_dir: Path | None = None, *, resume: bool | None = None) -> None:
+    """A DDP replica's part of one fit (rank > 0), in step with rank 0's `fit_and_log`: no MLflow, no checkpoints of
+    its own (it resumes from rank 0's, `resume` defaulting to whether there is a `checkpoint_dir`), no test set
+    (rank 0 reports it). Returns when rank 0 stops the fit early (a pruned trial)."""
     train_tf, eval_tf = transforms_for(cfg, model)
-    fit(model, splits.train, splits.val if len(splits.val_idx) else None, train_config(cfg),
-        train_transform=train_tf, eval_transform=eval_tf, checkpoint_dir=checkpoint_dir,
-        resume=checkpoint_dir is not None)
+    with contextlib.suppress(distributed.Stopped):
+        fit(model, train, val, train_config(cfg), train_transform=train_tf, eval_transform=eval_tf,
+            checkpoint_dir=checkpoint_dir, resume=checkpoint_dir is not None if resume is None else resume)

@@ -10,6 +10,10 @@ Several workers (processes, machines) share one study through its storage — an
 by default, PostgreSQL/MySQL at scale) — and the `optuna` CLI reads the same storage (`optuna trials --storage <url>
 --study-name <name>`). Everything that can be wrong with the options (ranges, sampler, pruner, storage, a study
 created for another model or dataset) is reported before any MLflow run is created.
+
+Under torchrun (`nproc` > 1) each trial is one model trained by all the processes (DDP): rank 0 is the worker (the
+study, the MLflow runs, the pruner), and the other processes train each trial with it (`trial_replica`), leaving a
+pruned trial when rank 0 does.
 """
 
 from __future__ import annotations
@@ -29,13 +33,15 @@ from optuna.trial import FrozenTrial
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from carsml.data.cache import DecodedImages
 from carsml.data.splits import membership_table, train_val_split
 from carsml.data.table import Dataset
+from carsml.engine import distributed
 from carsml.engine.callbacks import Callback
 from carsml.engine.loader import ArrayData
 from carsml.errors import CarsmlError, ConfigError
 from carsml.experiments.common import build_model, limit_classes, resolve_dataset
-from carsml.experiments.train import augment_images, decode, fit_and_log, train_config
+from carsml.experiments.train import augment_images, decode, fit_and_log, join_processes, replica_fit, train_config
 from carsml.progress import planned_fits
 from carsml.tracking import tags as tag
 from carsml.tracking.runs import (
@@ -299,6 +305,7 @@ def _objective(ctx: _Context, trial: optuna.Trial) -> float:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             try:
                 model = build_model(cfg, len(ctx.class_names))  # every trial starts from the same seed's weights
+                distributed.share(params)  # the DDP replicas train this trial with rank 0
                 trained = fit_and_log(cfg, model, ctx.class_names, ctx.train, ctx.val, None, callbacks=(pruning,))
             except optuna.TrialPruned as exc:
                 set_tags({tag.TRIAL_STATE: "pruned", tag.PRUNED_AT_EPOCH: pruning.epochs_run})
@@ -382,24 +389,52 @@ def run(cfg: dict[str, Any]) -> TuneResult:
     setup_tracking()
     space = check_options(cfg)
     url = storage_url(str(cfg["storage"]))
+    here = join_processes(cfg)
     dataset = limit_classes(resolve_dataset(cfg), cfg["max_classes"])
     build_model(cfg, dataset.num_classes, dropout=space.dropout[1])  # model options fail here, not in a trial
+    if not here.main:
+        trial_replica(cfg, dataset)
+        return TuneResult(str(cfg["study_name"]), shown(url), "", -1)
     study, seed = open_study(cfg, url, study_settings(cfg, dataset))
     logged_cfg = {**cfg, "storage": shown(url)}  # never log a database password
     tags = {tag.MODEL: cfg["model"], "optuna.storage": shown(url), "optuna.study_name": study.study_name,
             tag.SAMPLER_SEED: str(seed)}
     with start_run(cfg["entry_point"], logged_cfg, run_name=f"tune-{cfg['model']}", tags=tags) as parent:
         result = TuneResult(study.study_name, shown(url), parent.info.run_id, seed)
-        rows = decode(cfg, dataset, "train")  # the test split is never decoded: nothing here may look at it
+        rows, train, val = tuning_data(cfg, dataset)
+        distributed.barrier()  # DDP replicas wait here for the cache
         log_dataset(dataset, rows.table, "train")
-        train_idx, val_idx = train_val_split(rows.labels, cfg["val_fraction"], cfg["seed"])
-        log_csv(membership_table(rows.table["fname"], {"train": train_idx, "val": val_idx}),
+        log_csv(membership_table(rows.table["fname"], {"train": train.index, "val": val.index}),
                 "data/split_membership.csv")
-        all_train, augment = ArrayData(rows.images, rows.labels), augment_images(cfg, dataset, rows)
-        ctx = _Context(cfg, space, dataset.class_names, ArrayData(augment.images, augment.labels).subset(train_idx),
-                       all_train.subset(val_idx), result)
-        with planned_fits(cfg["n_trials"] or 1, "trial"):  # pruned trials end early: the ETA is an upper bound
-            study.optimize(lambda trial: _objective(ctx, trial), n_trials=cfg["n_trials"] or None,
-                           timeout=cfg["timeout"], catch=(Exception,), gc_after_trial=True)
+        ctx = _Context(cfg, space, dataset.class_names, train, val, result)
+        try:
+            with planned_fits(cfg["n_trials"] or 1, "trial"):  # pruned trials end early: the ETA is an upper bound
+                study.optimize(lambda trial: _objective(ctx, trial), n_trials=cfg["n_trials"] or None,
+                               timeout=cfg["timeout"], catch=(Exception,), gc_after_trial=True)
+        finally:
+            distributed.share(None)  # no more trials: the DDP replicas return
         _summarise(study, cfg, result)
     return result
+
+
+def tuning_data(cfg: dict[str, Any], dataset: Dataset) -> tuple[DecodedImages, ArrayData, ArrayData]:
+    """The official train split (decoded, cached) and every trial's train / validation part of it. The test split is
+    never decoded: nothing here may look at it."""
+    rows = decode(cfg, dataset, "train")
+    train_idx, val_idx = train_val_split(rows.labels, cfg["val_fraction"], cfg["seed"])
+    augment = augment_images(cfg, dataset, rows)
+    return (rows, ArrayData(augment.images, augment.labels).subset(train_idx),
+            ArrayData(rows.images, rows.labels).subset(val_idx))
+
+
+def trial_replica(cfg: dict[str, Any], dataset: Dataset) -> None:
+    """A DDP replica of `run` (rank > 0): trains each trial rank 0 starts, with the parameters it sampled, until rank 0
+    says there are no more. A trial that fails fails on every process (the same options and data), and rank 0 records
+    it; the replica goes on to the next one as rank 0 does."""
+    _, train, val = tuning_data(cfg, dataset)  # cached by rank 0: read, not decoded
+    while (params := distributed.share(None)) is not None:
+        trial_cfg = {**cfg, **params}
+        try:
+            replica_fit(trial_cfg, build_model(trial_cfg, dataset.num_classes), train, val)
+        except Exception as exc:  # noqa: BLE001 - rank 0 records the failure; the study goes on
+            log.warning("trial with %s failed in this replica: %s", params, exc)
