@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 from carsml.cli import run_experiment
 from carsml.config import load_config, options, recipe_values
 from carsml.errors import CarsmlError, ConfigError
+from carsml.tracking.epochs import epoch_key
 from tests.conftest import TINY
 
 # a selection run the refit can follow: the recipe with a schedule short enough for TINY's few epochs
@@ -67,6 +68,10 @@ def test_refit_trains_on_every_training_image_for_the_chosen_epochs() -> None:
     assert set(members["role"]) == {"train"} and sorted(members["fname"]) == sorted(chosen["fname"])
     assert "best_val_acc" not in run.data.metrics and "val_acc" not in run.data.metrics
     assert refit.fit.epochs_run == best_epoch and "test_acc" in run.data.metrics and refit.model_uri
+    # the test split is evaluated once, after training: no per-epoch test curve to choose an epoch by
+    assert MlflowClient().get_metric_history(run.info.run_id, epoch_key("test_acc")) == []
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "train_loss")] == \
+        list(range(1, best_epoch + 1))
 
 
 def test_refit_refuses_what_it_cannot_follow() -> None:

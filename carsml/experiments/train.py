@@ -159,13 +159,16 @@ def fit_and_log(
 ) -> Trained:
     """Train with the shared engine inside the active run; log curves, finals, confusion matrix and the best model.
 
-    `val=None` is a refit: nothing is selected, the last epoch is the model and no val_* metric is logged."""
+    `val=None` is a refit: nothing is selected, the last epoch is the model and no val_* metric is logged. A refit's
+    test split is evaluated once, after training: with no validation curve, a per-epoch test curve would be the only
+    curve of held-out data, an invitation to choose an epoch by the test split (and it costs a pass per epoch)."""
     run_id = active_run_id()
     tc = train_config(cfg)
     train_tf, eval_tf = transforms_for(cfg, model)
     n_params = count_parameters(model)
     shared = (CheckpointArtifacts(run_id, checkpoint_dir),) if checkpoint_dir and shares_checkpoints() else ()
-    result = fit(model, train, val, tc, train_transform=train_tf, eval_transform=eval_tf, test=test,
+    result = fit(model, train, val, tc, train_transform=train_tf, eval_transform=eval_tf,
+                 test=test if val is not None else None,
                  callbacks=(*shared, MlflowMetrics(run_id), RichProgress(), *callbacks),
                  checkpoint_dir=checkpoint_dir, resume=resume)
     model.load_state_dict(result.best_state_dict)
