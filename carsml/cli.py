@@ -59,10 +59,10 @@ def launch(name: str, cfg: Mapping[str, Any]) -> None:
         what = "CUDA devices" if on_cuda else "CPU cores (gloo, one process per core at most)"
         raise ConfigError(f"nproc={nproc}: this machine has {available} {what}; pass --nproc {available} or fewer")
     distributed.check_config(cfg["batch_size"], cfg.get("freeze_backbone_epochs", 0), distributed.World(size=nproc))
-    if "folds_parallel" in cfg:
-        from carsml.experiments.kfold import check_parallel
+    from carsml.experiments.registry import BEFORE_LAUNCH
 
-        check_parallel(cfg["folds_parallel"], device, nproc)
+    if name in BEFORE_LAUNCH:
+        BEFORE_LAUNCH[name](dict(cfg))
     argv = [*COMMANDS[name].split()]
     for key in options(name):  # `--nproc` would be taken for torchrun's `--nproc-per-node`: WORLD_SIZE tells it
         if key != "nproc":

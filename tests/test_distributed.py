@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from carsml.cli import run_experiment
-from carsml.errors import ConfigError
+from carsml.errors import CarsmlError, ConfigError
 from carsml.tracking.epochs import epoch_key
 from tests.conftest import REPO, free_port, kill_when
 from tests.test_promote import write_colour_dataset
@@ -112,6 +112,10 @@ def test_bad_process_counts_fail_before_any_run(
         run_experiment("improved", {**OPTIONS, "data": str(colours), "nproc": 64})
     with pytest.raises(ConfigError, match=r"batch_size=7 is the global batch of 2 processes"):
         run_experiment("improved", {**OPTIONS, "data": str(colours), "nproc": 2, "batch_size": 7})
+    # checked by the launching command, before torchrun starts the processes: one error, not one per process
+    with pytest.raises(CarsmlError, match=r"storage='sqlite:////no/such/folder/optuna.db': folder /no/such/folder"):
+        run_experiment("tune", {**OPTIONS, "data": str(colours), "nproc": 2,
+                                "storage": "sqlite:////no/such/folder/optuna.db"})
     assert mlflow.search_runs(search_all_experiments=True).empty
 
 

@@ -140,6 +140,11 @@ def run(cfg: dict[str, Any]) -> pd.DataFrame:
     return table
 
 
+def check_launch(cfg: dict[str, Any]) -> None:
+    """What `--nproc N` checks before it starts the processes (`registry.BEFORE_LAUNCH`)."""
+    check_parallel(cfg["folds_parallel"], str(cfg["device"]), cfg["nproc"])
+
+
 def check_parallel(parallel: int, device: str, nproc: int = 1) -> None:
     """`folds_parallel`: at least 1, on CPU no more processes than usable cores, and not with DDP (`nproc` > 1)."""
     if parallel < 1:

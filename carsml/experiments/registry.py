@@ -38,3 +38,11 @@ ENTRY_POINTS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "report": report.run,
     "study": lambda cfg: study.run(cfg, ENTRY_POINTS),  # the study runs the other entry points as its steps
 }
+
+# Checks that need neither data nor a run, made once by the command that launches several processes (`--nproc`),
+# before torchrun starts them: a bad option is then one error, not one per process under torchrun's report.
+BEFORE_LAUNCH: dict[str, Callable[[dict[str, Any]], None]] = {
+    "kfold_baseline": kfold.check_launch,
+    "kfold_improved": kfold.check_launch,
+    "tune": tune.check_launch,
+}

@@ -215,6 +215,13 @@ def check_options(cfg: dict[str, Any]) -> SearchSpace:
     return space
 
 
+def check_launch(cfg: dict[str, Any]) -> None:
+    """What `--nproc N` checks before it starts the processes (`registry.BEFORE_LAUNCH`): the options and that the
+    study's storage can be reached (rank 0 opens it again, under torchrun)."""
+    check_options(cfg)
+    open_storage(storage_url(str(cfg["storage"])))
+
+
 def study_settings(cfg: dict[str, Any], dataset: Dataset) -> dict[str, Any]:
     """What makes trial values comparable; stored on the study so later workers can be checked against it."""
     return {**{f"carsml_{k}": cfg[k] for k in STUDY_KEYS}, "carsml_data_digest": dataset.digest()}
