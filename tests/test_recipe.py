@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 from carsml.cli import run_experiment
 from carsml.config import load_config, options, recipe_values
 from carsml.errors import CarsmlError, ConfigError
+from carsml.experiments.train import within_noise
 from carsml.tracking.epochs import epoch_key
 from tests.conftest import TINY
 
@@ -49,10 +50,22 @@ def test_unknown_recipe_is_refused_before_a_run() -> None:
     assert _runs() == []
 
 
+def test_the_refit_budget_is_the_last_epoch_within_noise_of_the_best_validation_accuracy() -> None:
+    # 100 validation images, best 0.5: one standard error is 0.05, so epoch 3 (0.46) is within it and epoch 4 is not
+    assert within_noise({1: 0.2, 2: 0.5, 3: 0.46, 4: 0.44}, 100) == 3
+    assert within_noise({1: 0.2, 2: 0.5, 3: 0.3}, 100) == 2  # over-trained: the best epoch itself
+    assert within_noise({1: 0.2, 2: 0.5, 3: 0.3}, 4) == 3  # 4 images cannot tell 0.5 from 0.3 (margin 0.25)
+    assert within_noise({1: 1.0, 2: 1.0, 3: 0.99}, 1000) == 2  # a perfect score has no noise band: the last perfect
+
+
 def test_refit_trains_on_every_training_image_for_the_chosen_epochs() -> None:
     run_experiment("improved", SELECT)
     (selection,) = _runs()
-    best_epoch = int(selection.data.metrics["best_epoch"])
+    curve = {m.step: m.value for m in MlflowClient().get_metric_history(selection.info.run_id, "val_acc")}
+    membership = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=selection.info.run_id,
+                                                                 artifact_path="data/split_membership.csv"))
+    best_epoch = within_noise(curve, int((membership["role"] == "val").sum()))
+    assert best_epoch >= int(selection.data.metrics["best_epoch"])
     refit = run_experiment("improved", {"refit_run_id": selection.info.run_id})
     run = next(r for r in _runs() if r.info.run_id != selection.info.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "improved-improved_cnn-refit"
