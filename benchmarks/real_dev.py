@@ -1,6 +1,7 @@
 """carsml against a plain PyTorch loop on REAL Stanford Cars crops (the 60-class dev set), side by side in one run.
 
-    python benchmarks/real_dev.py [--classes 20] [--size 96] [--epochs 30] [--runs NAME,...] [--set key=value ...]
+    python benchmarks/real_dev.py [--classes 20] [--size 96] [--epochs 30] [--seed 0] [--runs NAME,...]
+                                  [--set key=value ...]
 
 Runs (all at one image size, epoch budget and set of classes; each logged to the MLflow experiment `real-dev`):
   plain_all       the plain loop (benchmarks/plain_loop.py, no carsml code) on the whole train split
@@ -55,7 +56,7 @@ class Bench:
         self.ids: dict[str, str] = {}
         self.tta_note = ""
         self.common = {"data": str(args.data), "max_classes": args.classes or None, "image_size": args.size,
-                       "epochs": args.epochs, "experiment_name": EXPERIMENT, "device": args.device}
+                       "epochs": args.epochs, "experiment_name": EXPERIMENT, "device": args.device, "seed": args.seed}
 
     def carsml(self, name: str, entry: str, options: dict[str, Any]) -> None:
         """One carsml entry point run; its row from the run's own metrics."""
@@ -73,9 +74,9 @@ class Bench:
         """The plain loop, logged to MLflow like the carsml runs."""
         with mlflow.start_run(run_name=f"plain-loop-{name}") as run:
             result = plain_loop.run(self.args.data, self.args.classes, self.args.size, self.args.epochs,
-                                    train_files=train_files)
+                                    train_files=train_files, seed=self.args.seed)
             mlflow.log_params({"runner": "benchmarks/plain_loop.py", "classes": self.args.classes,
-                               "image_size": self.args.size, "epochs": self.args.epochs,
+                               "image_size": self.args.size, "epochs": self.args.epochs, "seed": self.args.seed,
                                "train_files": "carsml_select's 80 %" if train_files else "whole train split"})
             mlflow.log_metrics(result)
         self.ids[name] = run.info.run_id
@@ -97,6 +98,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every run (carsml's split, weights and "
+                        "augmentation; the plain loop's weights and data order)")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     parser.add_argument("--set", nargs="*", default=[], help="key=value options for the recipe runs")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
@@ -163,6 +166,7 @@ def main() -> None:
     if bench.tta_note:
         notes.append(bench.tta_note)
     body = (f"`python benchmarks/real_dev.py --classes {args.classes} --size {args.size} --epochs {args.epochs}"
+            + (f" --seed {args.seed}" if args.seed else "")
             + (f" --set {' '.join(args.set)}" if args.set else "") + f"` on {machine()}, {time.strftime('%Y-%m-%d')}; "
             f"real dev set, first {args.classes or 60} classes.\n\n" + markdown_table(table)
             + "".join(f"\n- {n}" for n in notes) + "\n")
