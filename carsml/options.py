@@ -71,6 +71,7 @@ class ModelOptions:
 
     model: str
     dropout: float | None  # None: the model's default
+    drop_path_rate: float
     head_widths: str
     head: Literal["flatten", "gap"]
     se: bool

@@ -12,7 +12,9 @@ import timm
 import torch
 from torch import nn
 
+from carsml.config import load_config
 from carsml.errors import CarsmlError, ConfigError
+from carsml.experiments.common import build_model
 from carsml.models import pretrained
 from carsml.models.baseline import BaselineCNN
 from carsml.models.factory import (
@@ -452,3 +454,16 @@ def test_pretrained_from_a_populated_cache_goes_through_timm(
 def test_hf_hub_offline_values(monkeypatch: pytest.MonkeyPatch, value: str, offline: bool) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", value)
     assert pretrained._hf_offline() is offline
+
+
+def test_drop_path_rate_reaches_timm_models_and_is_refused_where_it_cannot_apply() -> None:
+    cfg = load_config("transfer", {"model": "test_efficientnet", "pretrained": False, "drop_path_rate": 0.2})
+    model = build_model(cfg, 3)
+    rates = sorted({m.drop_prob for m in model.modules() if hasattr(m, "drop_prob")})
+    assert rates and 0.0 < rates[-1] <= 0.2  # timm spreads the rate over the blocks, up to drop_path_rate
+    assert model_config(model)["drop_path_rate"] == 0.2  # and a reloaded model is built with it
+    with pytest.raises(ConfigError, match=r"model 'improved_cnn': unknown option\(s\) drop_path_rate"):
+        build_model({**load_config("improved", {}), "drop_path_rate": 0.1}, 3)
+    for bad in (1.0, -0.1, "0.1"):
+        with pytest.raises(ConfigError, match=r"drop_path_rate: expected a number in \[0, 1\) \(0 = off\), got"):
+            build_model({**cfg, "drop_path_rate": bad}, 3)

@@ -59,8 +59,11 @@ def model_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     for key in ("pretrained", "weights"):
         if key in cfg and cfg[key] not in ("", None):
             kwargs[key] = cfg[key]
-    if cfg.get("drop_path_rate", 0) > 0:  # timm's VGG / DenseNet reject the keyword even at 0
-        kwargs["drop_path_rate"] = cfg["drop_path_rate"]
+    rate = cfg["drop_path_rate"]
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+        raise ConfigError(f"drop_path_rate: expected a number in [0, 1) (0 = off), got {rate!r}")
+    if rate > 0:  # timm's VGG / DenseNet reject the keyword even at 0; our CNNs reject it (no stochastic depth)
+        kwargs["drop_path_rate"] = float(rate)
     return kwargs
 
 def build_model(cfg: dict[str, Any], num_classes: int, *, seed: int | None = None, for_resume: bool = False,
