@@ -681,6 +681,32 @@ def test_decay_norm_bias_false_exempts_one_dimensional_parameters() -> None:
     assert [g["weight_decay"] for g in default.param_groups] == [0.05]  # the study's L2 on everything
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_cpu_optimizers_use_the_fused_kernel_with_the_same_update_rule(optimizer: str) -> None:
+    from carsml.engine.optim import make_optimizer
+
+    c = cfg(optimizer=optimizer, weight_decay=0.05, decay_norm_bias=False)
+    def net() -> nn.Module:  # no bias in front of a norm: a zero gradient would make Adam's step pure rounding noise
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(192, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 4))
+
+    fused_model, model = net(), net()
+    opt = make_optimizer(c, [{"params": list(fused_model.parameters())}])
+    assert all(g["fused"] for g in opt.param_groups)
+    reference = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[optimizer](
+        [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in make_optimizer(
+            c, [{"params": list(model.parameters())}]).param_groups], lr=c.lr,
+        **({"momentum": c.momentum} if optimizer == "sgd" else {}), foreach=False)
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for net, o in ((fused_model, opt), (model, reference)):
+        for _ in range(3):
+            o.zero_grad()
+            net(x).logsumexp(dim=1).mean().backward()
+            o.step()
+    for a, b in zip(fused_model.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_refit_without_validation_keeps_the_last_epoch() -> None:
     model = ScriptedNet((0, 1, 3))
     test = ArrayData(make_data(16).images, np.full(16, 3))

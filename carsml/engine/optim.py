@@ -1,7 +1,7 @@
 """Optimizer, parameter groups and learning-rate schedule of a fit, built from its TrainConfig.
 
     param_groups(model, cfg)          -> (backbone parameters, optimizer parameter groups)
-    make_optimizer(cfg, groups)       -> Adam / AdamW / SGD, optionally without decay on 1-D parameters
+    make_optimizer(cfg, groups)       -> Adam / AdamW / SGD (fused kernels), optionally without decay on 1-D parameters
     make_scheduler(cfg, optimizer, n) -> ReduceLROnPlateau, a per-step warmup + cosine LambdaLR, or None
 """
 
@@ -16,6 +16,7 @@ from torch import nn
 from carsml.engine.types import TrainConfig
 from carsml.errors import ConfigError
 
+FUSED_DEVICES = ("cpu", "cuda")  # where torch has fused Adam / AdamW / SGD kernels
 Scheduler = torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
 
 
@@ -71,15 +72,27 @@ def _without_norm_bias_decay(groups: list[dict[str, Any]]) -> list[dict[str, Any
     return split
 
 
+def fused(groups: list[dict[str, Any]]) -> bool:
+    """Whether torch's fused Adam / AdamW / SGD kernel can step these parameters: floating point, on CPU or CUDA.
+
+    The fused kernel updates every tensor in one pass, where torch's default on CPU loops over the tensors, op by
+    op: for resnet18 on CPU an AdamW step drops from about 75 to 15 ms (docs/performance.md). Same update rule.
+    """
+    params = [p for group in groups for p in group["params"]]
+    return bool(params) and all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params)
+
+
 def make_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """cfg.optimizer over `groups` at cfg.lr and cfg.weight_decay (none on 1-D parameters unless decay_norm_bias)."""
+    """cfg.optimizer over `groups` at cfg.lr and cfg.weight_decay (none on 1-D parameters unless decay_norm_bias),
+    with torch's fused kernel where the parameters allow it (`fused`)."""
     if not cfg.decay_norm_bias and cfg.weight_decay > 0:
         groups = _without_norm_bias_decay(groups)
+    kernel = {"fused": True} if fused(groups) else {}
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kernel)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **kernel)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **kernel)
 
 
 def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Scheduler | None:
