@@ -25,6 +25,7 @@ from carsml.data.transforms import build_transform  # noqa: E402
 from carsml.engine.device import autocast_dtype, resolve_device  # noqa: E402
 from carsml.engine.evaluate import autocast_context  # noqa: E402
 from carsml.engine.loader import ArrayData  # noqa: E402
+from carsml.engine.optim import make_optimizer  # noqa: E402
 from carsml.engine.train import fit  # noqa: E402
 from carsml.engine.types import TrainConfig  # noqa: E402
 from carsml.experiments.train import engine_config  # noqa: E402
@@ -41,13 +42,14 @@ PIPELINES = {  # name -> (augmentation policy, cache side / input side)
 
 
 def compute_only(model: torch.nn.Module, cfg: TrainConfig, shape: tuple[int, ...], classes: int, steps: int) -> float:
-    """Images/s of forward + backward + Adam steps on random normalised tensors already on the device."""
+    """Images/s of forward + backward + optimizer steps (fit's optimizer) on random normalised tensors already on the
+    device."""
     device = resolve_device(cfg.device)
     dtype = autocast_dtype(device, cfg.amp)
     model.to(device).train()
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = make_optimizer(cfg, [{"params": list(model.parameters())}])  # fit's own optimizer (fused kernel)
     x = torch.randn(shape, device=device)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

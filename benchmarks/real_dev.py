@@ -1,6 +1,6 @@
 """carsml against a plain PyTorch loop on REAL Stanford Cars crops (the 60-class dev set), side by side in one run.
 
-    python benchmarks/real_dev.py [--classes 20] [--size 96] [--epochs 30] [--seed 0] [--runs NAME,...]
+    python benchmarks/real_dev.py [--classes 20] [--size 96] [--epochs 30] [--seed 42] [--runs NAME,...]
                                   [--set key=value ...]
 
 Runs (all at one image size, epoch budget and set of classes; each logged to the MLflow experiment `real-dev`):
@@ -36,13 +36,14 @@ import plain_loop  # noqa: E402
 from report import machine, write_section  # noqa: E402
 
 from carsml.cli import run_experiment  # noqa: E402
-from carsml.config import parse_assignments  # noqa: E402
+from carsml.config import load_config, parse_assignments  # noqa: E402
 from carsml.experiments.features_rf import _markdown as markdown_table  # noqa: E402
 from carsml.tracking.runs import setup_tracking  # noqa: E402
 
 DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "stanford_cars_real_dev" / "car_data"
 RESULTS_MD = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 EXPERIMENT = "real-dev"
+DEFAULT_SEED = load_config("transfer", {})["seed"]  # the entry points' own default
 RUNS = ("plain_all", "carsml_select", "plain_80", "carsml_refit", "tta", "improved_study", "improved_carsml",
         "baseline_study")
 
@@ -98,8 +99,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every run (carsml's split, weights and "
-                        "augmentation; the plain loop's weights and data order)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of every run (carsml's split, weights "
+                        "and augmentation; the plain loop's weights and data order); default: carsml's default seed")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     parser.add_argument("--set", nargs="*", default=[], help="key=value options for the recipe runs")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
@@ -166,7 +167,7 @@ def main() -> None:
     if bench.tta_note:
         notes.append(bench.tta_note)
     body = (f"`python benchmarks/real_dev.py --classes {args.classes} --size {args.size} --epochs {args.epochs}"
-            + (f" --seed {args.seed}" if args.seed else "")
+            + (f" --seed {args.seed}" if args.seed != DEFAULT_SEED else "")
             + (f" --set {' '.join(args.set)}" if args.set else "") + f"` on {machine()}, {time.strftime('%Y-%m-%d')}; "
             f"real dev set, first {args.classes or 60} classes.\n\n" + markdown_table(table)
             + "".join(f"\n- {n}" for n in notes) + "\n")
