@@ -83,7 +83,9 @@ per whole training step (forward + backward + step, batch {args.batch_size} at {
 
 `fit` builds its Adam / AdamW / SGD with `fused=True` wherever the parameters are floating point on the CPU or CUDA
 (`carsml.engine.optim.fused`): the same update rule, one pass over the tensors. The plain loop of the real-dev
-benchmark (`benchmarks/plain_loop.py`) keeps torch's default, what a user's own loop gets.
+benchmark (`benchmarks/plain_loop.py`) keeps torch's default, what a user's own loop gets. The whole training
+step varies by several percent from one measurement to the next, more than resnet18's step saves, so only the
+step's own time and share are the finding: the saving matters for wide fully connected heads (improved_cnn).
 """
     print("wrote", write_section("optimizer_step", body))
 
