@@ -686,6 +686,7 @@ def test_cpu_optimizers_use_the_fused_kernel_with_the_same_update_rule(optimizer
     from carsml.engine.optim import make_optimizer
 
     c = cfg(optimizer=optimizer, weight_decay=0.05, decay_norm_bias=False)
+
     def net() -> nn.Module:  # no bias in front of a norm: a zero gradient would make Adam's step pure rounding noise
         torch.manual_seed(0)
         return nn.Sequential(nn.Flatten(), nn.Linear(192, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 4))
@@ -698,10 +699,10 @@ def test_cpu_optimizers_use_the_fused_kernel_with_the_same_update_rule(optimizer
             c, [{"params": list(model.parameters())}]).param_groups], lr=c.lr,
         **({"momentum": c.momentum} if optimizer == "sgd" else {}), foreach=False)
     x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    for net, o in ((fused_model, opt), (model, reference)):
+    for trained, o in ((fused_model, opt), (model, reference)):
         for _ in range(3):
             o.zero_grad()
-            net(x).logsumexp(dim=1).mean().backward()
+            trained(x).logsumexp(dim=1).mean().backward()
             o.step()
     for a, b in zip(fused_model.parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(a, b)
