@@ -1,6 +1,6 @@
 """carsml against a plain PyTorch loop on REAL Stanford Cars crops (the 60-class dev set), side by side in one run.
 
-    python benchmarks/real_dev.py [--classes 20] [--size 96] [--epochs 30] [--seed 42] [--runs NAME,...]
+    python benchmarks/real_dev.py [--classes 20] [--size 96] [--epochs 30] [--seed 42[,1,2]] [--runs NAME,...]
                                   [--set key=value ...]
 
 Runs (all at one image size, epoch budget and set of classes; each logged to the MLflow experiment `real-dev`):
@@ -13,6 +13,7 @@ Runs (all at one image size, epoch budget and set of classes; each logged to the
   improved_refit  the final improved_cnn of the recipe: every training image, for the epochs improved_carsml chose
   baseline_study  baseline_cnn with the study's settings
 `--set key=value` overrides options of the recipe runs (carsml_select, improved_carsml) to try a recipe variant.
+`--seed 42,1,2` runs everything at each seed and adds a table of the goal's comparisons per seed and their mean.
 The test split is reported only: every choice (the epoch budget of the refit, the recipe itself) was made on
 validation data.
 
@@ -38,7 +39,9 @@ from report import machine, write_section  # noqa: E402
 
 from carsml.cli import run_experiment  # noqa: E402
 from carsml.config import load_config, parse_assignments  # noqa: E402
+from carsml.errors import ConfigError  # noqa: E402
 from carsml.experiments.features_rf import _markdown as markdown_table  # noqa: E402
+from carsml.experiments.train import train_config  # noqa: E402
 from carsml.tracking.runs import setup_tracking  # noqa: E402
 
 DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "stanford_cars_real_dev" / "car_data"
@@ -49,16 +52,47 @@ RUNS = ("plain_all", "carsml_select", "plain_80", "carsml_refit", "tta", "improv
         "improved_refit", "baseline_study")
 
 
-class Bench:
-    """The runs of one benchmark invocation and the rows of its table."""
+FIRST_STAGE = ("carsml_select", "improved_study", "improved_carsml", "baseline_study")  # the runs that train anew
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
+
+def first_stage(name: str, common: dict[str, Any], extra: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Entry point and options of FIRST_STAGE run `name`; `extra` (`--set`) goes to the recipe runs only."""
+    if name == "carsml_select":
+        return "transfer", {**common, "model": "resnet18", "pretrained": False, "recipe": "carsml", **extra}
+    recipe_run = {"recipe": "carsml", **extra} if name.endswith("carsml") else {}
+    return name.split("_")[0], {**common, **recipe_run}
+
+
+class Bench:
+    """The runs of one benchmark invocation at one seed, and the rows of its table."""
+
+    def __init__(self, args: argparse.Namespace, seed: int) -> None:
+        self.args, self.seed = args, seed
         self.rows: list[dict[str, Any]] = []
         self.ids: dict[str, str] = {}
         self.tta_note = ""
         self.common = {"data": str(args.data), "max_classes": args.classes or None, "image_size": args.size,
-                       "epochs": args.epochs, "experiment_name": EXPERIMENT, "device": args.device, "seed": args.seed}
+                       "epochs": args.epochs, "experiment_name": EXPERIMENT, "device": args.device, "seed": seed}
+
+    def run(self, runs: list[str], extra: dict[str, Any]) -> None:
+        """Every run named in `runs`, in that order (`check_order` has checked that each one's source comes first)."""
+        for name in runs:
+            if name in FIRST_STAGE:
+                self.carsml(name, *first_stage(name, self.common, extra))
+            elif name == "plain_all":
+                self.plain(name, None)
+            elif name == "plain_80":
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = mlflow.artifacts.download_artifacts(run_id=self.ids["carsml_select"],
+                                                               artifact_path="data/split_membership.csv", dst_path=tmp)
+                    members = pd.read_csv(path)
+                self.plain(name, set(members.loc[members["role"] == "train", "fname"]))
+            elif name == "carsml_refit":
+                self.carsml(name, "transfer", {"refit_run_id": self.ids["carsml_select"]})
+            elif name == "improved_refit":
+                self.carsml(name, "improved", {"refit_run_id": self.ids["improved_carsml"]})
+            else:
+                self.tta()
 
     def carsml(self, name: str, entry: str, options: dict[str, Any]) -> None:
         """One carsml entry point run; its row from the run's own metrics."""
@@ -76,14 +110,26 @@ class Bench:
         """The plain loop, logged to MLflow like the carsml runs."""
         with mlflow.start_run(run_name=f"plain-loop-{name}") as run:
             result = plain_loop.run(self.args.data, self.args.classes, self.args.size, self.args.epochs,
-                                    train_files=train_files, seed=self.args.seed)
+                                    train_files=train_files, seed=self.seed)
             mlflow.log_params({"runner": "benchmarks/plain_loop.py", "classes": self.args.classes,
-                               "image_size": self.args.size, "epochs": self.args.epochs, "seed": self.args.seed,
+                               "image_size": self.args.size, "epochs": self.args.epochs, "seed": self.seed,
                                "train_files": "carsml_select's 80 %" if train_files else "whole train split"})
             mlflow.log_metrics(result)
         self.ids[name] = run.info.run_id
         self.add(name, result["test_acc"], result["test_top5"], result["wall_seconds"],
                  result["images_per_second"], None, run.info.run_id, self.args.epochs)
+
+    def tta(self) -> None:
+        """What carsml's default TTA adds to the final model (or to the selection run without one)."""
+        of = "carsml_refit" if "carsml_refit" in self.ids else "carsml_select"
+        start = time.perf_counter()
+        result = run_experiment("tta", {"run_id": self.ids[of], "experiment_name": EXPERIMENT,
+                                        "device": self.args.device})
+        m = result.metrics
+        self.add(f"tta on {of}", m["test_acc_tta"], None, time.perf_counter() - start, 0, None, result.run_id, "")
+        self.tta_note = (f"TTA (carsml's default: 25 light views, mean of softmax) on {of}: "
+                         f"{m['tta_delta'] * 100:+.1f} points ({m['tta_fixed']:.0f} fixed, {m['tta_broken']:.0f} "
+                         f"broken, McNemar p = {m['tta_mcnemar_p']:.2f})")
 
     def add(self, name: str, acc: float | None, top5: float | None, wall: float, ips: float,
             val: float | None, run_id: str, epochs: Any) -> None:
@@ -91,6 +137,91 @@ class Bench:
                "wall s": round(wall), "train img/s": round(ips), "MLflow run": run_id[:8]}
         self.rows.append(row)
         print(row, flush=True)
+
+    def notes(self) -> list[str]:
+        """The goal's comparisons at this seed."""
+        by = {row["run"]: row for row in self.rows}
+        notes = []
+        if "carsml_refit" in by and "plain_all" in by:
+            refit, plain, select = by["carsml_refit"], by["plain_all"], by["carsml_select"]
+            notes.append(f"carsml final model vs plain loop on the whole train split: "
+                         f"{(refit['test acc'] - plain['test acc']) * 100:+.1f} points, wall "
+                         f"{refit['wall s'] / plain['wall s']:.2f}x (refit alone), "
+                         f"{(refit['wall s'] + select['wall s']) / plain['wall s']:.2f}x (selection + refit)")
+        if "carsml_select" in by and "plain_80" in by:
+            notes.append(f"the recipe alone, same 80 % of the images: carsml_select vs plain_80 "
+                         f"{(by['carsml_select']['test acc'] - by['plain_80']['test acc']) * 100:+.1f} points")
+        for run in ("improved_carsml", "improved_refit"):
+            if run in by and "improved_study" in by:
+                notes.append(f"improved_cnn: {run} / improved_study = "
+                             f"{by[run]['test acc'] / by['improved_study']['test acc']:.2f}x test accuracy")
+        if self.tta_note:
+            notes.append(self.tta_note)
+        return notes
+
+
+# (summary column, numerator run, denominator run, kind): the goal's comparisons, one row per seed
+COMPARISONS = (
+    ("final model - plain_all (points)", "carsml_refit", "plain_all", "points"),
+    ("refit wall / plain_all wall", "carsml_refit", "plain_all", "wall"),
+    ("carsml_select - plain_80 (points)", "carsml_select", "plain_80", "points"),
+    ("improved_carsml / improved_study", "improved_carsml", "improved_study", "ratio"),
+    ("improved_refit / improved_study", "improved_refit", "improved_study", "ratio"),
+)
+
+
+def summary(benches: list[Bench]) -> tuple[pd.DataFrame, list[str]]:
+    """One row per seed (test accuracies and the goal's comparisons) and a mean row: accuracies and points
+    averaged, ratios of the averages; plus, per comparison in points, its mean and standard error over the seeds."""
+    names = [name for name in RUNS if name != "tta" and all(name in b.ids for b in benches)]
+    rows = []
+    for bench in benches:
+        by = {row["run"]: row for row in bench.rows}
+        rows.append({"seed": str(bench.seed), **{name: by[name]["test acc"] for name in names},
+                     **{f"{name} wall s": by[name]["wall s"] for name in ("plain_all", "carsml_refit")
+                        if name in names}})
+    table = pd.DataFrame(rows)
+    mean = {"seed": "**mean**", **table.drop(columns="seed").mean().to_dict()}
+    table = pd.concat([table, pd.DataFrame([mean])], ignore_index=True)
+    lines = []
+    for column, top, bottom, kind in COMPARISONS:
+        if top not in names or bottom not in names:
+            continue
+        if kind == "points":
+            points = (table[top] - table[bottom]) * 100
+            per_seed = points.iloc[:-1]
+            se = per_seed.std(ddof=1) / len(per_seed) ** 0.5 if len(per_seed) > 1 else float("nan")
+            lines.append(f"{top} vs {bottom} over {len(per_seed)} seeds: {per_seed.mean():+.1f} points "
+                         f"(standard error {se:.1f}; per seed {', '.join(f'{v:+.1f}' for v in per_seed)})")
+            table[column] = [f"{v:+.1f}" for v in points]
+        else:
+            ratio = (table[f"{top} wall s"] / table[f"{bottom} wall s"] if kind == "wall"
+                     else table[top] / table[bottom])
+            table[column] = [f"{v:.2f}x" for v in ratio]
+    table = table.drop(columns=[c for c in table.columns if c.endswith(" wall s")])
+    return table, lines
+
+
+def check_order(runs: list[str]) -> str | None:
+    """Why `runs` cannot run in this order (a run named before the run it needs), or None."""
+    needs = {"plain_80": ("carsml_select",), "carsml_refit": ("carsml_select",),
+             "tta": ("carsml_refit", "carsml_select"), "improved_refit": ("improved_carsml",)}
+    for i, name in enumerate(runs):
+        if name in needs and not set(needs[name]) & set(runs[:i]):
+            return f"run {name} needs {' or '.join(needs[name])} before it in --runs"
+    return None
+
+
+def seeds(text: str) -> list[int]:
+    """`--seed 42` or `--seed 42,1,2`."""
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer or integers separated by commas, got {text!r}") from None
+    if not values or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct integers separated by commas, got {text!r}")
+    return values
 
 
 def main() -> None:
@@ -100,8 +231,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of every run (carsml's split, weights "
-                        "and augmentation; the plain loop's weights and data order); default: carsml's default seed")
+    parser.add_argument("--seed", type=seeds, default=[DEFAULT_SEED], help="seed of every run (carsml's split, "
+                        "weights and augmentation; the plain loop's weights and data order), or several separated "
+                        "by commas: every run at each seed, then a table of the comparisons per seed and their mean; "
+                        "default: carsml's default seed")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     parser.add_argument("--set", nargs="*", default=[], help="key=value options for the recipe runs")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
@@ -110,73 +243,40 @@ def main() -> None:
     unknown = sorted(set(runs) - set(RUNS))
     if unknown:
         parser.error(f"unknown runs {unknown}; expected some of {', '.join(RUNS)}")
+    if problem := check_order(runs):
+        parser.error(problem)
     if not args.data.is_dir():
         parser.error(f"--data {args.data}: no such folder (the real dev set lives in ../shared/data)")
+    extra = parse_assignments(args.set)
+    for name in FIRST_STAGE:  # every option checked before the first run starts
+        if name in runs:
+            entry, options = first_stage(name, Bench(args, args.seed[0]).common, extra)
+            try:
+                train_config(load_config(entry, options))
+            except ConfigError as err:
+                parser.error(f"{name}: {err}")
     setup_tracking()  # $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here
     mlflow.set_experiment(EXPERIMENT)
-    bench, extra = Bench(args), parse_assignments(args.set)
-    recipe = {**bench.common, "model": "resnet18", "pretrained": False, "recipe": "carsml", **extra}
-    for name in runs:
-        if name == "plain_all":
-            bench.plain(name, None)
-        elif name == "carsml_select":
-            bench.carsml(name, "transfer", recipe)
-        elif name == "plain_80":
-            if "carsml_select" not in bench.ids:
-                parser.error("plain_80 trains on carsml_select's images: run carsml_select first")
-            with tempfile.TemporaryDirectory() as tmp:
-                path = mlflow.artifacts.download_artifacts(run_id=bench.ids["carsml_select"],
-                                                           artifact_path="data/split_membership.csv", dst_path=tmp)
-                members = pd.read_csv(path)
-            bench.plain(name, set(members.loc[members["role"] == "train", "fname"]))
-        elif name == "carsml_refit":
-            if "carsml_select" not in bench.ids:
-                parser.error("carsml_refit refits carsml_select: run carsml_select first")
-            bench.carsml(name, "transfer", {"refit_run_id": bench.ids["carsml_select"]})
-        elif name == "tta":
-            source = bench.ids.get("carsml_refit") or bench.ids.get("carsml_select")
-            if source is None:
-                parser.error("tta needs carsml_refit or carsml_select first")
-            start = time.perf_counter()
-            result = run_experiment("tta", {"run_id": source, "experiment_name": EXPERIMENT, "device": args.device})
-            m = result.metrics
-            of = "carsml_refit" if "carsml_refit" in bench.ids else "carsml_select"
-            bench.add(f"tta on {of}", m["test_acc_tta"], None, time.perf_counter() - start, 0, None, result.run_id,
-                      "")
-            bench.tta_note = (f"TTA (carsml's default: 25 light views, mean of softmax) on {of}: "
-                              f"{m['tta_delta'] * 100:+.1f} points ({m['tta_fixed']:.0f} fixed, {m['tta_broken']:.0f} "
-                              f"broken, McNemar p = {m['tta_mcnemar_p']:.2f})")
-        elif name == "improved_refit":
-            if "improved_carsml" not in bench.ids:
-                parser.error("improved_refit refits improved_carsml: run improved_carsml first")
-            bench.carsml(name, "improved", {"refit_run_id": bench.ids["improved_carsml"]})
-        elif name in ("improved_study", "improved_carsml", "baseline_study"):
-            entry = name.split("_")[0]
-            recipe_run = {"recipe": "carsml", **extra} if name.endswith("carsml") else {}
-            bench.carsml(name, entry, {**bench.common, **recipe_run})
-    table = pd.DataFrame(bench.rows)
-    by = {row["run"]: row for row in bench.rows}
-    notes = []
-    if "carsml_refit" in by and "plain_all" in by:
-        refit, plain, select = by["carsml_refit"], by["plain_all"], by["carsml_select"]
-        notes.append(f"carsml final model vs plain loop on the whole train split: "
-                     f"{(refit['test acc'] - plain['test acc']) * 100:+.1f} points, wall "
-                     f"{refit['wall s'] / plain['wall s']:.2f}x (refit alone), "
-                     f"{(refit['wall s'] + select['wall s']) / plain['wall s']:.2f}x (selection + refit)")
-    if "carsml_select" in by and "plain_80" in by:
-        notes.append(f"the recipe alone, same 80 % of the images: carsml_select vs plain_80 "
-                     f"{(by['carsml_select']['test acc'] - by['plain_80']['test acc']) * 100:+.1f} points")
-    for run in ("improved_carsml", "improved_refit"):
-        if run in by and "improved_study" in by:
-            notes.append(f"improved_cnn: {run} / improved_study = "
-                         f"{by[run]['test acc'] / by['improved_study']['test acc']:.2f}x test accuracy")
-    if bench.tta_note:
-        notes.append(bench.tta_note)
+    benches = []
+    for seed in args.seed:
+        bench = Bench(args, seed)
+        bench.run(runs, extra)
+        benches.append(bench)
+    several = len(benches) > 1
+    table = pd.DataFrame([{**({"seed": b.seed} if several else {}), **row} for b in benches for row in b.rows])
+    notes = [f"{f'seed {b.seed}: ' if several else ''}{note}" for b in benches for note in b.notes()]
+    seed_arg = ",".join(map(str, args.seed))
     body = (f"`python benchmarks/real_dev.py --classes {args.classes} --size {args.size} --epochs {args.epochs}"
-            + (f" --seed {args.seed}" if args.seed != DEFAULT_SEED else "")
+            + (f" --seed {seed_arg}" if args.seed != [DEFAULT_SEED] else "")
+            + (f" --runs {args.runs}" if runs != list(RUNS) else "")
             + (f" --set {' '.join(args.set)}" if args.set else "") + f"` on {machine()}, {time.strftime('%Y-%m-%d')}; "
             f"real dev set, first {args.classes or 60} classes.\n\n" + markdown_table(table)
             + "".join(f"\n- {n}" for n in notes) + "\n")
+    if several:
+        per_seed, lines = summary(benches)
+        body += ("\nPer seed (test accuracy; points and ratios as in the notes above; the mean row's ratios are "
+                 "ratios of the mean accuracies and wall times):\n\n" + markdown_table(per_seed)
+                 + "".join(f"\n- {line}" for line in lines) + "\n")
     print(body)
     if not args.no_write:
         write_section("real-dev", body, RESULTS_MD)

@@ -1,0 +1,59 @@
+"""benchmarks/real_dev.py's bookkeeping: the order its runs need and the per-seed table of the goal's comparisons.
+
+The runs themselves are carsml's entry points and the plain loop, tested elsewhere; what the benchmark adds is
+arithmetic over them, and an order check that must fail before any run starts."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("real_dev", REPO / "benchmarks" / "real_dev.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_run_named_before_its_source_is_refused(bench: ModuleType) -> None:
+    assert bench.check_order(["carsml_select", "plain_80", "carsml_refit", "tta"]) is None
+    assert bench.check_order(["improved_carsml", "improved_refit", "carsml_select", "tta"]) is None
+    assert "carsml_refit needs carsml_select" in bench.check_order(["carsml_refit", "carsml_select"])
+    assert "improved_refit needs improved_carsml" in bench.check_order(["improved_refit"])
+    assert "tta needs carsml_refit or carsml_select" in bench.check_order(["plain_all", "tta"])
+
+
+def test_seeds_are_distinct_integers(bench: ModuleType) -> None:
+    assert bench.seeds("42") == [42] and bench.seeds("42,1,2") == [42, 1, 2]
+    for bad in ("x", "1,1", ",", "1,x"):
+        with pytest.raises(argparse.ArgumentTypeError, match=repr(bad)):
+            bench.seeds(bad)
+
+
+def test_the_per_seed_table_holds_each_seed_and_the_mean(bench: ModuleType) -> None:
+    args = argparse.Namespace(data=Path("."), classes=20, size=96, epochs=30, device="cpu")
+    runs = []
+    for seed, (plain, refit, study, improved), (plain_wall, refit_wall) in (
+            (42, (0.30, 0.36, 0.20, 0.44), (100, 110)), (1, (0.40, 0.42, 0.25, 0.45), (100, 90))):
+        b = bench.Bench(args, seed)
+        for name, acc, wall in (("plain_all", plain, plain_wall), ("carsml_refit", refit, refit_wall),
+                                ("improved_study", study, 50), ("improved_refit", improved, 50)):
+            b.ids[name] = f"{name}-{seed}"
+            b.add(name, acc, None, wall, 1.0, None, b.ids[name], 30)
+        runs.append(b)
+    table, lines = bench.summary(runs)
+    assert list(table["seed"]) == ["42", "1", "**mean**"]
+    assert list(table["final model - plain_all (points)"]) == ["+6.0", "+2.0", "+4.0"]
+    assert list(table["refit wall / plain_all wall"]) == ["1.10x", "0.90x", "1.00x"]
+    assert list(table["improved_refit / improved_study"]) == ["2.20x", "1.80x", "1.98x"]  # mean: 0.445 / 0.225
+    assert table["plain_all"].iloc[-1] == pytest.approx(0.35)
+    assert "carsml_select - plain_80 (points)" not in table  # neither run was made
+    assert lines == ["carsml_refit vs plain_all over 2 seeds: +4.0 points (standard error 2.0; per seed +6.0, +2.0)"]
