@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from report import machine, write_section  # noqa: E402
 
-from carsml.experiments.features_rf import _markdown as markdown_table  # noqa: E402
+from carsml.experiments.markdown import frame_markdown  # noqa: E402
 from tests.conftest import TRAINED_RUN  # noqa: E402
 
 TESTING_MD = Path(__file__).resolve().parents[1] / "docs" / "testing.md"
@@ -102,7 +102,7 @@ def main() -> None:
     summary = pd.DataFrame([numeric.min(), numeric.max()]).T.reset_index()
     summary.columns = ["measure", "min", "max"]
     body = (f"Measured by `python benchmarks/fixture_margins.py` on {machine()}, {time.strftime('%Y-%m-%d')}.\n\n"
-            + markdown_table(table) + "\nAcross the variants:\n\n" + markdown_table(summary))
+            + frame_markdown(table) + "\nAcross the variants:\n\n" + frame_markdown(summary))
     print(body)
     write_section("fixture-margins", body, TESTING_MD, header="# Testing\n")
 

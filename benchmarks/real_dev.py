@@ -40,7 +40,7 @@ from report import machine, write_section  # noqa: E402
 from carsml.cli import run_experiment  # noqa: E402
 from carsml.config import load_config, parse_assignments  # noqa: E402
 from carsml.errors import ConfigError  # noqa: E402
-from carsml.experiments.features_rf import _markdown as markdown_table  # noqa: E402
+from carsml.experiments.markdown import frame_markdown  # noqa: E402
 from carsml.experiments.train import train_config  # noqa: E402
 from carsml.tracking.runs import setup_tracking  # noqa: E402
 
@@ -270,12 +270,12 @@ def main() -> None:
             + (f" --seed {seed_arg}" if args.seed != [DEFAULT_SEED] else "")
             + (f" --runs {args.runs}" if runs != list(RUNS) else "")
             + (f" --set {' '.join(args.set)}" if args.set else "") + f"` on {machine()}, {time.strftime('%Y-%m-%d')}; "
-            f"real dev set, first {args.classes or 60} classes.\n\n" + markdown_table(table)
+            f"real dev set, first {args.classes or 60} classes.\n\n" + frame_markdown(table)
             + "".join(f"\n- {n}" for n in notes) + "\n")
     if several:
         per_seed, lines = summary(benches)
         body += ("\nPer seed (test accuracy; points and ratios as in the notes above; the mean row's ratios are "
-                 "ratios of the mean accuracies and wall times):\n\n" + markdown_table(per_seed)
+                 "ratios of the mean accuracies and wall times):\n\n" + frame_markdown(per_seed)
                  + "".join(f"\n- {line}" for line in lines) + "\n")
     print(body)
     if not args.no_write:

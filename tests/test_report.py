@@ -26,6 +26,7 @@ from carsml.cli import app, run_experiment
 from carsml.errors import CarsmlError
 from carsml.experiments.data_analysis import split_statistics
 from carsml.experiments.features_rf import scores
+from carsml.experiments.markdown import frame_markdown, markdown_table
 from carsml.experiments.report import Missing, Report, Table, build_report, to_html, to_markdown
 from carsml.tracking import registry
 from carsml.tracking import tags as tag
@@ -279,3 +280,10 @@ def test_the_results_script_rewrites_only_its_section(store: dict[str, Any], uri
     assert text.startswith("# Results\n\nhand-written\n\n<!-- report:start -->\n### carsml report: experiment")
     assert "\nold\n" not in text and text.endswith("<!-- report:end -->\n\nafter\n")
     assert "#### Data statistics" in text and f"carsml tune --experiment-name {PARTIAL}" in text
+
+
+def test_markdown_tables_format_cells_one_way() -> None:
+    frame = pd.DataFrame({"run": ["a|b", "c"], "acc": [0.123456, float("nan")], "epochs": [30, 25]})
+    assert frame_markdown(frame).splitlines() == [
+        "| run | acc | epochs |", "|---|---|---|", "| a\\|b | 0.1235 | 30 |", "| c | – | 25 |"]
+    assert markdown_table(["x"], []) == "| x |\n|---|\n"

@@ -18,6 +18,7 @@ import pandas as pd
 from mlflow.entities import Run  # mlflow: the type of the parent run read through tracking.search
 
 from carsml.errors import CarsmlError
+from carsml.experiments.markdown import markdown_table
 from carsml.tracking import tags as tag
 from carsml.tracking.runs import log_figure, log_files, setup_tracking
 from carsml.tracking.search import experiment_id, experiment_names, get_run, search_runs, tracking_uri
@@ -107,13 +108,10 @@ def to_markdown(table: pd.DataFrame) -> str:
     def number(v: float, fmt: str) -> str:
         return "–" if np.isnan(v) else format(v, fmt)
 
-    lines = ["| " + " | ".join(HEADERS.values()) + " |", "|" + "---|" * len(HEADERS)]
-    for row in table.itertuples(index=False):
-        cells = [str(row.model), _params(row.params), number(row.val_loss, ".4f"), number(row.val_acc, ".4f"),
-                 number(row.test_loss, ".4f"), number(row.test_acc, ".4f"), number(row.correct, ".0f"),
-                 number(row.errors, ".0f"), _duration(row.train_seconds)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[str(row.model), _params(row.params), number(row.val_loss, ".4f"), number(row.val_acc, ".4f"),
+             number(row.test_loss, ".4f"), number(row.test_acc, ".4f"), number(row.correct, ".0f"),
+             number(row.errors, ".0f"), _duration(row.train_seconds)] for row in table.itertuples(index=False)]
+    return markdown_table(list(HEADERS.values()), rows)
 
 
 def write_table(table: pd.DataFrame, folder: Path) -> tuple[Path, Path]:

@@ -40,6 +40,7 @@ from carsml.engine.evaluate import predict
 from carsml.engine.loader import ArrayData
 from carsml.errors import CarsmlError, ConfigError, DataError
 from carsml.experiments.common import limit_classes, resolve_dataset
+from carsml.experiments.markdown import frame_markdown
 from carsml.experiments.train import decode
 from carsml.tracking import tags as tag
 from carsml.tracking.forest import log_rf_head, log_rf_model
@@ -227,16 +228,6 @@ def _report(labels: np.ndarray, preds: np.ndarray, class_names: list[str], split
     log_csv(table.reset_index(names="class"), f"tables/rf_{split}_classification_report.csv")
 
 
-def _markdown(table: pd.DataFrame) -> str:
-    """A Markdown table, numbers to 4 decimals (pandas' to_markdown would need tabulate)."""
-    def cell(v: Any) -> str:
-        return "–" if isinstance(v, float) and np.isnan(v) else f"{v:.4f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
-
-
 def evaluate_heads(heads: dict[str, Any], splits: dict[str, Features], class_names: list[str]) -> dict[str, float]:
     """Metrics of every head and of the network on val / test; reports, per-image predictions and error overlap."""
     metrics: dict[str, float] = {}
@@ -260,7 +251,7 @@ def evaluate_heads(heads: dict[str, Any], splits: dict[str, Features], class_nam
                                       for split in ("val", "test") for m in ("acc", "macro_f1", "weighted_f1")}})
     table = pd.DataFrame(rows)
     log_csv(table, "tables/heads.csv")
-    log_text(_markdown(table), "tables/heads.md")
+    log_text(frame_markdown(table), "tables/heads.md")
     return metrics
 
 

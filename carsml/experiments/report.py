@@ -28,6 +28,7 @@ from carsml.data.table import SPLITS
 from carsml.errors import CarsmlError
 from carsml.experiments import COMMANDS
 from carsml.experiments.compare import build_table
+from carsml.experiments.markdown import markdown_table
 from carsml.models.factory import create_model
 from carsml.tracking import search
 from carsml.tracking import tags as tag
@@ -387,9 +388,9 @@ def to_markdown(report: Report, heading_level: int = 1) -> str:
         lines += [f"{head}# {section.title}", ""]
         for table in section.tables:
             header, rows = _rows(table)
-            lines += [f"**{table.title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join([*(c.replace("|", "\\|") for c in cells),
-                                         f"[{run_id[:8]}]({report.link(run_id)})"]) + " |" for cells, run_id in rows]
+            linked = ([*cells, f"[{run_id[:8]}]({report.link(run_id)})"] for cells, run_id in rows)
+            body = markdown_table(header, linked)
+            lines += [f"**{table.title}**", "", body.rstrip("\n")]
             lines += ["", *([f"_{table.note}_", ""] if table.note else [])]
         lines += [*(f"- missing: {m.what}; produce it with `{m.command}`" for m in section.missing)]
         lines += [""] if section.missing else []
