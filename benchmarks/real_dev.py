@@ -1,7 +1,7 @@
 """carsml against a plain PyTorch loop on REAL Stanford Cars crops (the 60-class dev set), side by side in one run.
 
-    python benchmarks/real_dev.py [--classes 20] [--size 96] [--epochs 30] [--seed 42[,1,2]] [--runs NAME,...]
-                                  [--set key=value ...]
+    python benchmarks/real_dev.py [--classes 20] [--first-class 1] [--size 96] [--epochs 30] [--seed 42[,1,2]]
+                                  [--runs NAME,...] [--set key=value ...]
 
 Runs (all at one image size, epoch budget and set of classes; each logged to the MLflow experiment `real-dev`):
   plain_all       the plain loop (benchmarks/plain_loop.py, no carsml code) on the whole train split
@@ -14,6 +14,8 @@ Runs (all at one image size, epoch budget and set of classes; each logged to the
   baseline_study  baseline_cnn with the study's settings
 `--set key=value` overrides options of the recipe runs (carsml_select, improved_carsml) to try a recipe variant.
 `--seed 42,1,2` runs everything at each seed and adds a table of the goal's comparisons per seed and their mean.
+`--first-class 21 --classes 20` runs on the classes 21-40 (in sorted folder order) instead of the first 20: a view of
+the dataset, class folders linked under the temp directory, that carsml and the plain loop both read.
 The test split is reported only: every choice (the epoch budget of the refit, the recipe itself) was made on
 validation data.
 
@@ -202,6 +204,26 @@ def summary(benches: list[Bench]) -> tuple[pd.DataFrame, list[str]]:
     return table, lines
 
 
+def class_view(data: Path, first: int, count: int) -> Path:
+    """`data` itself (`first` 1), else a class-folder dataset of its classes `first`..`first + count - 1` (1-based,
+    sorted folder order; `count` 0: to the last), their folders linked under the temp directory at a stable path, so
+    that carsml's cache and the runs' logged data path are the same at every invocation."""
+    names = sorted(d.name for d in (data / "train").iterdir() if d.is_dir())
+    last = len(names) if count == 0 else first - 1 + count
+    if not 1 <= first <= last <= len(names):
+        raise ValueError(f"classes {first}-{last}: {data} has {len(names)} classes (1-{len(names)})")
+    if first == 1:
+        return data
+    view = Path(tempfile.gettempdir()) / "carsml-real-dev" / f"{data.parent.name}-classes-{first}-{last}" / data.name
+    for split in ("train", "test"):
+        (view / split).mkdir(parents=True, exist_ok=True)
+        for name in names[first - 1:last]:
+            link = view / split / name
+            if not link.is_symlink():
+                link.symlink_to((data / split / name).resolve(), target_is_directory=True)
+    return view
+
+
 def check_order(runs: list[str]) -> str | None:
     """Why `runs` cannot run in this order (a run named before the run it needs), or None."""
     needs = {"plain_80": ("carsml_select",), "carsml_refit": ("carsml_select",),
@@ -227,7 +249,8 @@ def seeds(text: str) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEV, help="class-folder dataset (default: the real dev set)")
-    parser.add_argument("--classes", type=int, default=20, help="the first N classes (0 = all 60)")
+    parser.add_argument("--classes", type=int, default=20, help="N classes (0 = all 60)")
+    parser.add_argument("--first-class", type=int, default=1, help="the first of the N classes, 1-based")
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--device", default="auto")
@@ -245,8 +268,17 @@ def main() -> None:
         parser.error(f"unknown runs {unknown}; expected some of {', '.join(RUNS)}")
     if problem := check_order(runs):
         parser.error(problem)
-    if not args.data.is_dir():
-        parser.error(f"--data {args.data}: no such folder (the real dev set lives in ../shared/data)")
+    if not (args.data / "train").is_dir():
+        parser.error(f"--data {args.data}: no such class-folder dataset (expected train/<class>/ and test/<class>/; "
+                     "the real dev set lives in ../shared/data)")
+    source = args.data
+    try:
+        args.data = class_view(source, args.first_class, args.classes)
+    except ValueError as err:
+        parser.error(f"--first-class {args.first_class} --classes {args.classes}: {err}")
+    n_classes = len([d for d in (args.data / "train").iterdir() if d.is_dir()])
+    which = (f"first {args.classes or n_classes}" if args.first_class == 1
+             else f"{args.first_class}-{args.first_class + n_classes - 1} of the") + " classes"
     extra = parse_assignments(args.set)
     for name in FIRST_STAGE:  # every option checked before the first run starts
         if name in runs:
@@ -266,11 +298,13 @@ def main() -> None:
     table = pd.DataFrame([{**({"seed": b.seed} if several else {}), **row} for b in benches for row in b.rows])
     notes = [f"{f'seed {b.seed}: ' if several else ''}{note}" for b in benches for note in b.notes()]
     seed_arg = ",".join(map(str, args.seed))
-    body = (f"`python benchmarks/real_dev.py --classes {args.classes} --size {args.size} --epochs {args.epochs}"
+    body = (f"`python benchmarks/real_dev.py --classes {args.classes}"
+            + (f" --first-class {args.first_class}" if args.first_class != 1 else "")
+            + f" --size {args.size} --epochs {args.epochs}"
             + (f" --seed {seed_arg}" if args.seed != [DEFAULT_SEED] else "")
             + (f" --runs {args.runs}" if runs != list(RUNS) else "")
             + (f" --set {' '.join(args.set)}" if args.set else "") + f"` on {machine()}, {time.strftime('%Y-%m-%d')}; "
-            f"real dev set, first {args.classes or 60} classes.\n\n" + frame_markdown(table)
+            f"{'real dev set' if source == DEV else source}, {which}.\n\n" + frame_markdown(table)
             + "".join(f"\n- {n}" for n in notes) + "\n")
     if several:
         per_seed, lines = summary(benches)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -57,3 +58,23 @@ def test_the_per_seed_table_holds_each_seed_and_the_mean(bench: ModuleType) -> N
     assert table["plain_all"].iloc[-1] == pytest.approx(0.35)
     assert "carsml_select - plain_80 (points)" not in table  # neither run was made
     assert lines == ["carsml_refit vs plain_all over 2 seeds: +4.0 points (standard error 2.0; per seed +6.0, +2.0)"]
+
+
+def test_a_class_range_is_a_view_of_exactly_those_classes(bench: ModuleType, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "dev" / "car_data"
+    for split in ("train", "test"):
+        for name in ("Audi A", "BMW B", "Chevrolet C"):
+            (data / split / name).mkdir(parents=True)
+            (data / split / name / f"{split}.jpg").write_bytes(b"x")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    assert bench.class_view(data, 1, 2) == data  # the first N: carsml's own max_classes
+    view = bench.class_view(data, 2, 0)
+    assert view == bench.class_view(data, 2, 2)  # the same stable folder every time
+    for split in ("train", "test"):
+        assert sorted(p.name for p in (view / split).iterdir()) == ["BMW B", "Chevrolet C"]
+        assert (view / split / "BMW B" / f"{split}.jpg").read_bytes() == b"x"
+    assert sorted(p.name for p in (bench.class_view(data, 2, 1) / "train").iterdir()) == ["BMW B"]
+    for first, count in ((0, 1), (3, 2), (4, 0)):
+        with pytest.raises(ValueError, match="has 3 classes"):
+            bench.class_view(data, first, count)
