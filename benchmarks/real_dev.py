@@ -277,8 +277,8 @@ def main() -> None:
     except ValueError as err:
         parser.error(f"--first-class {args.first_class} --classes {args.classes}: {err}")
     n_classes = len([d for d in (args.data / "train").iterdir() if d.is_dir()])
-    which = (f"first {args.classes or n_classes}" if args.first_class == 1
-             else f"{args.first_class}-{args.first_class + n_classes - 1} of the") + " classes"
+    which = (f"first {args.classes or n_classes} classes" if args.first_class == 1
+             else f"classes {args.first_class}-{args.first_class + n_classes - 1}")
     extra = parse_assignments(args.set)
     for name in FIRST_STAGE:  # every option checked before the first run starts
         if name in runs:
