@@ -388,8 +388,7 @@ def to_markdown(report: Report, heading_level: int = 1) -> str:
         lines += [f"{head}# {section.title}", ""]
         for table in section.tables:
             header, rows = _rows(table)
-            linked = ([*cells, f"[{run_id[:8]}]({report.link(run_id)})"] for cells, run_id in rows)
-            body = markdown_table(header, linked)
+            body = markdown_table(header, ([*cells, f"[{rid[:8]}]({report.link(rid)})"] for cells, rid in rows))
             lines += [f"**{table.title}**", "", body.rstrip("\n")]
             lines += ["", *([f"_{table.note}_", ""] if table.note else [])]
         lines += [*(f"- missing: {m.what}; produce it with `{m.command}`" for m in section.missing)]
