@@ -1,11 +1,15 @@
-"""The anchor of benchmarks/real_dev.py: a plain PyTorch loop, written here and NOT imported from carsml.
+"""The anchor of benchmarks/real_dev.py and benchmarks/real_finetune.py: a plain PyTorch loop, written here and NOT
+imported from carsml.
 
-timm model from scratch; torchvision v2 RandomResizedCrop(scale 0.5-1) + horizontal flip + ColorJitter(0.2, 0.2) decoded
-from the full-size JPEG every epoch (DataLoader, one worker per core); AdamW (lr 2e-3, weight decay 0.05 on every
-parameter), OneCycle, label smoothing 0.1, bf16 autocast + channels_last on CPU (fp16/bf16 autocast on CUDA), batch 64;
-the model of the last epoch is reported. Evaluation: the whole image resized to size x size.
+timm model from scratch, or fine-tuned from a timm state dict (`weights`: every tensor but the classifier's);
+torchvision v2 RandomResizedCrop(scale 0.5-1) + horizontal flip + ColorJitter(0.2, 0.2) decoded from the full-size JPEG
+every epoch (DataLoader, one worker per core); AdamW (lr 2e-3, weight decay 0.05 on every parameter), OneCycle, label
+smoothing 0.1, bf16 autocast + channels_last on CPU (fp16/bf16 autocast on CUDA), batch 64 (fine-tuning: lr 1e-3,
+batch 32); the model of the last epoch is reported. Evaluation: the whole image resized to size x size.
 
     python benchmarks/plain_loop.py --data DIR --classes 20 --size 96 --epochs 30 [--train-files FILE]
+    python benchmarks/plain_loop.py --data DIR --classes 0 --model efficientnet_lite0 --weights FILE --lr 1e-3 \
+        --batch-size 32 --size 160 --epochs 10
 
 `--train-files` (one file name per line) restricts training to those images of the train split: the same 80 % carsml
 trains on after holding out its validation split.
@@ -71,7 +75,8 @@ def transforms(size: int) -> tuple[v2.Transform, v2.Transform]:
 
 
 def run(data: Path, classes: int, size: int, epochs: int, model_name: str = "resnet18", batch_size: int = 64,
-        lr: float = 2e-3, train_files: set[str] | None = None, seed: int = 0) -> dict[str, float]:
+        lr: float = 2e-3, train_files: set[str] | None = None, seed: int = 0,
+        weights: Path | None = None) -> dict[str, float]:
     """Train and test once; returns test accuracy, top-5, wall seconds and training images/s."""
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -85,7 +90,14 @@ def run(data: Path, classes: int, size: int, epochs: int, model_name: str = "res
                               num_workers=workers, persistent_workers=True,
                               generator=torch.Generator().manual_seed(seed))
     test_loader = DataLoader(Images(test_items, eval_tf), batch_size=128, num_workers=workers)
-    model = timm.create_model(model_name, pretrained=False, num_classes=len(names)).to(device)
+    model = timm.create_model(model_name, pretrained=False, num_classes=len(names))
+    if weights is not None:  # a timm state dict: every tensor but the classifier's, whose class count differs
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        head = model.pretrained_cfg["classifier"]
+        missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if not k.startswith(head + ".")},
+                                                    strict=False)
+        assert not unexpected and all(k.startswith(head + ".") for k in missing), (missing, unexpected)
+    model = model.to(device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(train_loader))
@@ -126,10 +138,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--weights", type=Path, help="timm state dict to fine-tune from (the head is replaced)")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--train-files", type=Path, help="file with the train-split file names to train on")
     args = parser.parse_args()
     keep = set(args.train_files.read_text().split()) if args.train_files else None
-    print(json.dumps(run(args.data, args.classes, args.size, args.epochs, args.model, train_files=keep)))
+    print(json.dumps(run(args.data, args.classes, args.size, args.epochs, args.model, args.batch_size, args.lr,
+                         train_files=keep, weights=args.weights)))
 
 
 if __name__ == "__main__":
