@@ -270,8 +270,9 @@ class FeaturesRfOptions:
 class PromoteOptions:
     """`promote`: the registry."""
 
-    model_name: str
-    rf_model_name: str
+    model: str
+    model_name: str | None
+    rf_model_name: str | None
     force: bool
 
 

@@ -201,7 +201,7 @@ def test_no_resnet50_transfer_run_is_an_error_and_registers_nothing() -> None:
 
 
 @pytest.mark.parametrize("overrides, fragment", [
-    ({"model_name": " "}, "model_name: expected a registered model name"),
+    ({"model": " "}, "model: expected the architecture to promote"),
     ({"rf_model_name": NET}, "both 'carsml-resnet50'"),
 ])
 def test_bad_model_names_fail_before_anything(overrides: dict[str, str], fragment: str, isolated: Path) -> None:
@@ -223,3 +223,24 @@ def test_a_registry_alias_version_or_name_that_does_not_exist_is_one_clear_error
     assert len(MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])) == \
         len(before)
     assert resolve_model_uri(f"models:/{NET}@champion") == f"models:/{NET}@champion"
+
+
+def test_another_family_is_promoted_under_its_own_names_and_a_refit_wins_its_selection_runs_tie(
+        store: dict[str, Any]) -> None:
+    """`model=resnet18` promotes the best resnet18 (not the better-named resnet50s) as carsml-resnet18[-rf]; its refit,
+    judged by the validation accuracy of the selection run that chose its epochs, is preferred to that run."""
+    client = MlflowClient()
+    select = run_experiment("transfer", {**TRANSFER, "model": "resnet18", "data": str(store["data"]), "lr": 1e-3})
+    select_id = mlflow.last_active_run().info.run_id
+    run_experiment("transfer", {"refit_run_id": select_id})
+    refit_id = mlflow.last_active_run().info.run_id
+    assert "best_val_acc" not in client.get_run(refit_id).data.metrics  # a refit has no validation split
+    rf_id = run_experiment("features_rf", {**FEATURES_RF, "run_id": refit_id}).run_id
+    result = run_experiment("promote", {"model": "resnet18"})
+    assert (result.model_name, result.rf_model_name) == ("carsml-resnet18", "carsml-resnet18-rf")
+    assert (result.source_run_id, result.rf_run_id) == (refit_id, rf_id)
+    net = client.get_model_version_by_alias("carsml-resnet18", "champion")
+    assert net.source == client.get_run(refit_id).data.tags["carsml.model_uri"]
+    assert float(net.tags["val_acc"]) == select.finals["best_val_acc"] and net.tags["selection_run_id"] == select_id
+    assert "resnet18 fine-tuned" in client.get_registered_model("carsml-resnet18").description
+    assert NET not in {m.name for m in client.search_registered_models()}  # the resnet50 family was left alone

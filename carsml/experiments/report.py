@@ -23,12 +23,13 @@ import pandas as pd
 import torch
 from mlflow.entities import Run  # mlflow: the type of the runs read through tracking.search
 
-from carsml.config import options
+from carsml.config import load_config, options
 from carsml.data.table import SPLITS
 from carsml.errors import CarsmlError
 from carsml.experiments import COMMANDS
 from carsml.experiments.compare import build_table
 from carsml.experiments.markdown import markdown_table
+from carsml.experiments.promote import registered_names
 from carsml.models.factory import create_model
 from carsml.tracking import search
 from carsml.tracking import tags as tag
@@ -322,18 +323,17 @@ def _tune(store: _Store) -> Section:
 
 
 def _registry(store: _Store, report: Report) -> Section:
-    section, rows, promote = Section("Registered champions"), [], options("promote")
-    for key in ("model_name", "rf_model_name"):
-        name = str(promote[key].default)
+    section, rows = Section("Registered champions"), []
+    latest = next(iter(search.finished_runs(store.id, "promote")), None)  # the names it registered, else the defaults
+    for name in registered_names(search.config_from_run(latest) if latest else load_config("promote", {})):
         if (version := search.registered_alias(name)) is None:
             section.missing.append(store.missing(f"{name}@champion", "promote"))
             continue
         source = version.tags.get("source_run_id") or version.run_id or ""
         with contextlib.suppress(CarsmlError):  # a deleted source run: the link points into the reported experiment
             report.experiments[source] = search.get_run(source, "source_run_id").info.experiment_id
-        rows.append((source, {"registered model": name, "version": int(version.version),
-                              "val_acc": float(version.tags.get("val_acc", NAN)),
-                              "test_acc": float(version.tags.get("test_acc", NAN)),
+        rows.append((source, {"registered model": name, "version": int(version.version), **{
+                              key: float(version.tags.get(key, NAN)) for key in ("val_acc", "test_acc")},
                               "tags": ", ".join(f"{k}={v}" for k, v in sorted(version.tags.items()))}))
     section.add("Versions with alias champion (run: the version's source run)", rows)
     return section
