@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import io
+import math
 import os
 import sys
 import tempfile
@@ -153,7 +154,8 @@ class Bench:
     def add(self, name: str, acc: float | None, top5: float | None, val: float | None, wall: float, ips: float,
             run_id: str, epochs: Any) -> None:
         row = {"run": name, "test acc": acc, "top-5": top5, "val acc": val, "epochs": epochs,
-               "wall s": round(wall), "train img/s": round(ips), "MLflow run": run_id[:8]}
+               "wall s": round(wall) if math.isfinite(wall) else None, "train img/s": round(ips),
+               "MLflow run": run_id[:8]}
         self.rows.append(row)
         print(row, flush=True)
 
@@ -232,6 +234,8 @@ def main() -> None:
     parser.add_argument("--seed", type=seeds, default=[42], help="seed(s), separated by commas")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     parser.add_argument("--set", nargs="*", default=[], help="key=value options for the recipe runs")
+    parser.add_argument("--refit-run-id", default="", help="analyse this finished carsml_refit run (one seed) instead "
+                        "of training one: features_rf, tta, tta_study, errors without carsml_select / carsml_refit")
     parser.add_argument("--no-write", action="store_true", help="print the tables only")
     args = parser.parse_args()
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
@@ -239,8 +243,11 @@ def main() -> None:
         parser.error(f"unknown runs {unknown}; expected some of {', '.join(RUNS)}")
     if "carsml_refit" in runs and "carsml_select" not in runs[:runs.index("carsml_refit")]:
         parser.error("carsml_refit needs carsml_select before it in --runs")
-    if any(r in runs for r in NEEDS_REFIT) and "carsml_refit" not in runs:
-        parser.error(f"{', '.join(r for r in NEEDS_REFIT if r in runs)} analyse carsml_refit: add it to --runs")
+    if any(r in runs for r in NEEDS_REFIT) and "carsml_refit" not in runs and not args.refit_run_id:
+        parser.error(f"{', '.join(r for r in NEEDS_REFIT if r in runs)} analyse carsml_refit: add it to --runs "
+                     "(or name a finished one with --refit-run-id)")
+    if args.refit_run_id and ("carsml_refit" in runs or len(args.seed) > 1):
+        parser.error("--refit-run-id stands for carsml_refit at one seed: leave carsml_refit out of --runs")
     if not (args.data / "train").is_dir():
         parser.error(f"--data {args.data}: no such class-folder dataset (expected train/<class>/ and test/<class>/)")
     source = args.data
@@ -264,6 +271,8 @@ def main() -> None:
         weights = wheel_state_dict(args.model, Path(tmp) / f"{args.model}.pth")
         for seed in args.seed:
             bench = Bench(args, seed, weights)
+            if args.refit_run_id:
+                bench.add_run("carsml_refit", args.refit_run_id, math.nan)
             bench.run(runs, extra)
             benches.append(bench)
     several = len(benches) > 1
