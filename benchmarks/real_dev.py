@@ -25,6 +25,7 @@ Writes the table to docs/results.md (section real-dev) unless --no-write.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -135,10 +136,7 @@ class Bench:
 
     def add(self, name: str, acc: float | None, top5: float | None, wall: float, ips: float,
             val: float | None, run_id: str, epochs: Any) -> None:
-        row = {"run": name, "test acc": acc, "top-5": top5, "val acc": val, "epochs": epochs,
-               "wall s": round(wall), "train img/s": round(ips), "MLflow run": run_id[:8]}
-        self.rows.append(row)
-        print(row, flush=True)
+        self.rows.append(table_row(name, acc, top5, val, wall, ips, run_id, epochs))
 
     def notes(self) -> list[str]:
         """The goal's comparisons at this seed."""
@@ -160,6 +158,15 @@ class Bench:
         if self.tta_note:
             notes.append(self.tta_note)
         return notes
+
+
+def table_row(name: str, acc: float | None, top5: float | None, val: float | None, wall: float, ips: float,
+              run_id: str, epochs: Any) -> dict[str, Any]:
+    """One run's row of a benchmark table (printed as it is made); a wall time of NaN (not measured) is left empty."""
+    row = {"run": name, "test acc": acc, "top-5": top5, "val acc": val, "epochs": epochs,
+           "wall s": round(wall) if math.isfinite(wall) else None, "train img/s": round(ips), "MLflow run": run_id[:8]}
+    print(row, flush=True)
+    return row
 
 
 # (summary column, numerator run, denominator run, kind): the goal's comparisons, one row per seed

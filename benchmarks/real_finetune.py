@@ -44,7 +44,7 @@ from mlflow.tracking import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import plain_loop  # noqa: E402
-from real_dev import DEV, class_view, seeds  # noqa: E402
+from real_dev import DEV, class_view, seeds, table_row  # noqa: E402
 from report import machine, write_section  # noqa: E402
 
 from carsml.cli import run_experiment  # noqa: E402
@@ -156,11 +156,7 @@ class Bench:
 
     def add(self, name: str, acc: float | None, top5: float | None, val: float | None, wall: float, ips: float,
             run_id: str, epochs: Any) -> None:
-        row = {"run": name, "test acc": acc, "top-5": top5, "val acc": val, "epochs": epochs,
-               "wall s": round(wall) if math.isfinite(wall) else None, "train img/s": round(ips),
-               "MLflow run": run_id[:8]}
-        self.rows.append(row)
-        print(row, flush=True)
+        self.rows.append(table_row(name, acc, top5, val, wall, ips, run_id, epochs))
 
     def notes(self) -> list[str]:
         """The goal's comparisons and the downstream figures at this seed."""
