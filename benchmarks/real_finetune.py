@@ -18,14 +18,21 @@ of classes (default: all 60 classes of the real dev set); each is logged to the 
   features_rf    RandomForest (the study's), logistic and kNN heads on carsml_refit's features
   tta            carsml's default TTA on carsml_refit; tta_study the study's (training views, majority vote)
   errors         the named confused pairs of carsml_refit on the test split
+  new_category   a new class warm-started from carsml_refit (`new_category mode=warmstart`): BIG_TRUCKS, made of the
+                 real sample crops in ../shared whose class is a pickup or a van ("Cab" or "Van" in its name) and is
+                 not one of the dataset's classes (22 crops of 20 classes, half of them its test set)
+  serve          `carsml promote --model M` in this experiment (the champion network and its RandomForest head), then
+                 each served by a real `mlflow models serve` on 127.0.0.1: every test JPEG of the dataset is posted,
+                 and the served labels are compared image for image with pyfunc.predict of the same model in-process
 `--set key=value` overrides options of the recipe runs (carsml_select, random, probe) to try a recipe variant.
 The test split is reported only: every choice (the refit's epochs, the recipe) was made on validation data.
-Writes its tables to docs/results.md (section real-finetune) unless --no-write.
+Writes its tables to docs/results.md (section real-finetune, or --section NAME) unless --no-write.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import importlib
 import io
 import math
@@ -43,6 +50,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import plain_loop  # noqa: E402
 from real_dev import DEV, class_view, seeds, table_row  # noqa: E402
 from report import machine, write_section  # noqa: E402
@@ -57,9 +65,26 @@ from carsml.tracking.runs import setup_tracking  # noqa: E402
 RESULTS_MD = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 EXPERIMENT = "real-finetune"
 RUNS = ("plain_all", "plain_lr", "carsml_select", "carsml_refit", "study", "random", "probe", "features_rf", "tta",
-        "tta_study", "errors")
+        "tta_study", "errors", "new_category", "serve")
 TRANSFER_ROWS = ("carsml_select", "carsml_refit", "study", "random", "probe")  # rows of the study's transfer table
-NEEDS_REFIT = ("features_rf", "tta", "tta_study", "errors")
+NEEDS_REFIT = ("features_rf", "tta", "tta_study", "errors", "new_category", "serve")
+SERVE_BATCH = 32  # test JPEGs per request
+SAMPLE = DEV.parents[1] / "stanford_cars" / "sample"  # the real crops of ../shared/data/stanford_cars
+
+
+def big_trucks(data: Path, out: Path) -> Path:
+    """A real BIG_TRUCKS folder: links to the sample crops of pickups and vans ("Cab" or "Van" in the class name)
+    whose class is not one of `data`'s classes, so the new class is new to the model."""
+    known = {d.name for d in (data / "train").iterdir()}
+    index = pd.read_csv(SAMPLE / "sample_index.csv")
+    trucks = index[index["class_name"].str.contains(r"\bCab\b|\bVan\b", regex=True)
+                   & ~index["class_name"].str.replace("/", "-").isin(known)]
+    out.mkdir(parents=True, exist_ok=True)
+    for fname in trucks["fname"]:
+        if not (out / fname).is_symlink():
+            (out / fname).symlink_to(SAMPLE / "cars_train_bbox_cropped" / fname)
+    return out
+
 
 
 def wheel_state_dict(model_name: str, out: Path) -> Path:
@@ -148,6 +173,21 @@ class Bench:
             m = result.metrics
             self.add(name, m["test_acc_tta"], None, None, time.perf_counter() - start, 0, result.run_id, "")
             self.extra[name] = m
+        elif name == "new_category":
+            folder = big_trucks(self.args.data, Path(tempfile.gettempdir()) / "carsml-real-dev" / "BIG_TRUCKS")
+            result = run_experiment("new_category", {**common, "folder": str(folder), "mode": "warmstart",
+                                                     "seed": self.seed})
+            m = result.metrics
+            acc = MlflowClient().get_run(result.run_id).data.metrics["test_acc"]
+            self.add("new_category (warmstart)", acc, None, None, time.perf_counter() - start, 0, result.run_id, "")
+            self.extra[name] = m
+        elif name == "serve":
+            promotion = run_experiment("promote", {"experiment_name": EXPERIMENT, "model": self.args.model})
+            for key, model in (("serve", promotion.model_name), ("serve_rf", promotion.rf_model_name)):
+                m = serve_check(f"models:/{model}@champion", self.args.data / "test")
+                self.add(f"{key} ({model}@champion)", m["served_acc"], None, None, time.perf_counter() - start, 0,
+                         promotion.source_run_id if key == "serve" else promotion.rf_run_id, "")
+                self.extra[key] = {**m, "model": model}
         else:
             report = run_experiment("errors", common)
             self.add("errors", report.metrics["test_acc"], report.metrics["test_top5"], None,
@@ -185,6 +225,19 @@ class Bench:
                 notes.append(f"{name} on carsml_refit: {m['tta_delta'] * 100:+.1f} points "
                              f"(mean {m['test_acc_tta_mean']:.4f}, vote {m['test_acc_tta_vote']:.4f}, "
                              f"no TTA {m['test_acc_no_tta']:.4f})")
+        if "new_category" in self.extra:
+            m = self.extra["new_category"]
+            notes.append("BIG_TRUCKS warm-started on carsml_refit: new class recall {:.2f} ({:.0f} test images), "
+                         "precision {:.2f}; old classes {:.4f} vs {:.4f} before (forgetting {:+.4f})".format(
+                             m["new_class_recall"], m["new_class_test_images"], m["new_class_precision"],
+                             m["old_class_acc"], m["old_class_acc_source"], m["forgetting"]))
+        for key in ("serve", "serve_rf"):
+            if key in self.extra:
+                m = self.extra[key]
+                notes.append(f"{m['model']}@champion served by `mlflow models serve`: {m['equal']:.0f} of "
+                             f"{m['images']:.0f} test JPEGs labelled as pyfunc.predict labels them in-process "
+                             f"(largest score difference {m['max_score_diff']:.1e}); served accuracy "
+                             f"{m['served_acc']:.4f}")
         if "errors" in self.extra:
             pairs = self.extra["errors"]["pairs"]
             notes.append("most confused test pairs of carsml_refit: " + "; ".join(
@@ -210,6 +263,36 @@ class Bench:
                          "unique correct": int((right & ~any_other).sum()),
                          "unique errors": int((~right & all_other).sum())})
         return pd.DataFrame(rows)
+
+
+def serve_check(model_uri: str, test: Path) -> dict[str, float]:
+    """Serve `model_uri` with a real `mlflow models serve` (loopback, bounded, always stopped), post every JPEG under
+    `test/<class>/`, and compare the answers row for row with pyfunc.predict of the same model in this process."""
+    from tests.test_serving import Server  # the one way to start and stop `mlflow models serve`
+
+    files = sorted(test.glob("*/*.jpg"))
+    images = [base64.b64encode(f.read_bytes()).decode("ascii") for f in files]
+    in_process = mlflow.pyfunc.load_model(model_uri)
+    served, local = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(model_uri, mlflow.get_tracking_uri(), Path(tmp) / "server.log")
+        try:
+            server.wait_ready()
+            for i in range(0, len(images), SERVE_BATCH):
+                batch = images[i:i + SERVE_BATCH]
+                response = server.post({"dataframe_split": {"columns": ["image"], "data": [[b] for b in batch]}})
+                if response.status_code != 200:
+                    raise RuntimeError(f"{model_uri}: served request failed ({response.status_code}): "
+                                       f"{response.text[:500]}")
+                served.append(pd.DataFrame(response.json()["predictions"]))
+                local.append(in_process.predict(pd.DataFrame({"image": batch})))
+        finally:
+            server.stop()
+    served_df, local_df = pd.concat(served, ignore_index=True), pd.concat(local, ignore_index=True)
+    truth = [f.parent.name for f in files]
+    return {"images": float(len(files)), "equal": float((served_df["label"] == local_df["label"]).sum()),
+            "max_score_diff": float((served_df["score"] - local_df["score"]).abs().max()),
+            "served_acc": float((served_df["label"] == pd.Series(truth)).mean())}
 
 
 def _predictions(run_id: str) -> pd.DataFrame:
@@ -238,6 +321,8 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="key=value options for the recipe runs")
     parser.add_argument("--refit-run-id", default="", help="analyse this finished carsml_refit run (one seed) instead "
                         "of training one: features_rf, tta, tta_study, errors without carsml_select / carsml_refit")
+    parser.add_argument("--section", default="real-finetune", help="the section of docs/results.md to (re)write: "
+                        "name another to keep an earlier invocation's table")
     parser.add_argument("--no-write", action="store_true", help="print the tables only")
     args = parser.parse_args()
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
@@ -294,7 +379,7 @@ def main() -> None:
         body += "\nMean and standard deviation over the seeds:\n\n" + frame_markdown(means.reset_index()) + "\n"
     print(body)
     if not args.no_write:
-        write_section("real-finetune", body, RESULTS_MD)
+        write_section(args.section, body, RESULTS_MD)
 
 
 if __name__ == "__main__":

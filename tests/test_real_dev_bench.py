@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
+import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,3 +79,21 @@ def test_a_class_range_is_a_view_of_exactly_those_classes(bench: ModuleType, tmp
     for first, count in ((0, 1), (3, 2), (4, 0)):
         with pytest.raises(ValueError, match="has 3 classes"):
             bench.class_view(data, first, count)
+
+
+def test_the_real_big_trucks_class_is_new_to_the_model(tmp_path: Path, shared_data: Path) -> None:
+    """real_finetune's new class: real sample crops of pickups and vans, none of a class the dataset already has."""
+    spec = importlib.util.spec_from_file_location("real_finetune", REPO / "benchmarks" / "real_finetune.py")
+    finetune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune)
+    index = pd.read_csv(finetune.SAMPLE / "sample_index.csv").set_index("fname")
+    known = "Chevrolet Silverado 2500HD Regular Cab 2012"  # a pickup of the sample, made one of the data's classes
+    data = tmp_path / "data"
+    (data / "train" / known).mkdir(parents=True)
+    folder = finetune.big_trucks(data, tmp_path / "BIG_TRUCKS")
+    assert finetune.SAMPLE == shared_data / "sample"
+    assert finetune.big_trucks(data, folder) == folder  # a second invocation reuses the folder
+    names = index.loc[sorted(p.name for p in folder.iterdir()), "class_name"]
+    assert len(names) >= 10 and known not in set(names)
+    assert names.str.contains(r"\bCab\b|\bVan\b").all()
+    assert all((folder / f).resolve().is_file() for f in names.index)
