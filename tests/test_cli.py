@@ -96,3 +96,27 @@ def test_a_training_command_ends_with_a_summary_and_without_mlflow_info_lines(tm
     verbose = _carsml(["improved", *TINY_ARGS, "--epochs", "1", "--verbose"],
                       {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/verbose.db"})
     assert verbose.returncode == 0 and " INFO mlflow" in verbose.stdout + verbose.stderr
+
+
+def test_the_next_hint_names_this_run_its_family_and_the_registered_model() -> None:
+    """After transfer: features-rf on this very run; after features_rf: promote of its family in its experiment;
+    after promote: serve the model it registered (its model_name, else carsml-<model>)."""
+    from carsml.tracking import tags as tag
+    from carsml.tracking.summary import next_command
+
+    mlflow.set_experiment("real cars")
+    runs = {}
+    for entry, tags, params in (("transfer", {tag.MODEL: "efficientnet_lite0"}, {}),
+                                ("features_rf", {tag.MODEL: "efficientnet_lite0"}, {"model": "resnet50"}),
+                                ("promote", {}, {"model": "efficientnet_lite0", "model_name": "None"}),
+                                ("promote", {}, {"model": "efficientnet_lite0", "model_name": "lite-cars"})):
+        with mlflow.start_run(tags={tag.ENTRY_POINT: entry, **tags}) as active:
+            mlflow.log_params(params)
+        runs.setdefault(entry, []).append(mlflow.get_run(active.info.run_id))
+    transfer, features_rf, promote = runs["transfer"][0], runs["features_rf"][0], runs["promote"]
+    assert next_command("transfer", transfer, "real cars").startswith(
+        f"carsml features-rf --run-id {transfer.info.run_id} ")
+    assert next_command("features_rf", features_rf, "real cars") == \
+        "carsml promote --model efficientnet_lite0 --experiment-name 'real cars'"
+    assert "-m models:/carsml-efficientnet_lite0@champion " in next_command("promote", promote[0], "real cars")
+    assert "-m models:/lite-cars@champion " in next_command("promote", promote[1], "real cars")

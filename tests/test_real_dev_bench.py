@@ -91,7 +91,7 @@ def test_the_real_big_trucks_class_is_new_to_the_model(tmp_path: Path, shared_da
     data = tmp_path / "data"
     (data / "train" / known).mkdir(parents=True)
     folder = finetune.big_trucks(data, tmp_path / "BIG_TRUCKS")
-    assert finetune.SAMPLE == shared_data / "sample"
+    assert shared_data / "sample" == finetune.SAMPLE
     assert finetune.big_trucks(data, folder) == folder  # a second invocation reuses the folder
     names = index.loc[sorted(p.name for p in folder.iterdir()), "class_name"]
     assert len(names) >= 10 and known not in set(names)

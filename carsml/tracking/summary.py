@@ -3,9 +3,11 @@ where to look in the MLflow UI and what to run next — read back from the track
 
 from __future__ import annotations
 
+import shlex
 import urllib.parse
 
 import mlflow
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from carsml.tracking import tags as tag
@@ -25,17 +27,18 @@ KEY_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
     "report": (("tables", "report_tables"), ("figures", "report_figures"), ("missing rows", "report_missing_rows")),
     "study": (("steps run", "steps_run"), ("steps reused", "steps_reused")),
 }
-# What a user typically runs after each entry point ({run} = this run's id).
+# What a user typically runs after each entry point ({run} = this run's id, {model} its architecture (carsml.model tag
+# or `model` param), {experiment} its experiment, {served} the registered network of a promote run).
 NEXT: dict[str, str] = {
     "baseline": "carsml errors --run-id {run}",
     "improved": "carsml errors --run-id {run}   (or tta / new-category with the same --run-id)",
     "kfold": "carsml errors   (the best trained run of the experiment; or --run-id <a fold's run id>)",
     "study": "carsml report --out report   (the study's tables again), or the same study command: steps are reused",
     "report": "open report.html in a browser",
-    "transfer": "carsml features-rf   (the RandomForest head on the best resnet50 run)",
+    "transfer": "carsml features-rf --run-id {run}   (the study's RandomForest head on this network)",
     "transfer_all": "carsml compare",
-    "features_rf": "carsml promote",
-    "promote": "mlflow models serve -m models:/carsml-resnet50@champion --env-manager local -p 5001",
+    "features_rf": "carsml promote --model {model} --experiment-name {experiment}",
+    "promote": "mlflow models serve -m models:/{served}@champion --env-manager local -p 5001",
     "tune": "carsml improved --lr <best lr> --dropout <best dropout> --weight-decay <best weight decay>",
     "data_analysis": "carsml improved --image-size 64 --epochs 15 --batch-size 32 --head-widths 512,256 --lr 0.001",
 }
@@ -88,8 +91,18 @@ def run_summary(run_id: str) -> list[str]:
     lines += [f"artifacts {artifacts}",
               f"MLflow UI {ui_address(mlflow.get_tracking_uri(), info.experiment_id, run_id)}"]
     if entry in NEXT or entry.startswith("kfold"):
-        lines.append(f"next      {NEXT['kfold' if entry.startswith('kfold') else entry].format(run=run_id)}")
+        lines.append(f"next      {next_command(entry, run, client.get_experiment(info.experiment_id).name)}")
     return lines
+
+
+def next_command(entry: str, run: Run, experiment: str) -> str:
+    """NEXT's command for a run of `entry`, filled in from the run."""
+    params = run.data.params
+    model = run.data.tags.get(tag.MODEL) or params.get("model", "")
+    given = params.get("model_name", "")
+    served = given if given not in ("", "None") else f"carsml-{model}"
+    template = NEXT["kfold" if entry.startswith("kfold") else entry]
+    return template.format(run=run.info.run_id, model=model, experiment=shlex.quote(experiment), served=served)
 
 
 def last_run_summary() -> list[str]:
