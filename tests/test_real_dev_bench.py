@@ -97,3 +97,27 @@ def test_the_real_big_trucks_class_is_new_to_the_model(tmp_path: Path, shared_da
     assert len(names) >= 10 and known not in set(names)
     assert names.str.contains(r"\bCab\b|\bVan\b").all()
     assert all((folder / f).resolve().is_file() for f in names.index)
+
+
+def test_a_reused_run_gives_the_row_it_gave_when_made() -> None:
+    """real_finetune --reuse: a finished run's row from its MLflow record; an unfinished run is refused."""
+    import mlflow
+
+    from carsml.errors import ConfigError
+
+    spec = importlib.util.spec_from_file_location("real_finetune", REPO / "benchmarks" / "real_finetune.py")
+    finetune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune)
+    args = argparse.Namespace(data=Path("."), classes=0, model="efficientnet_lite0", size=160, epochs=10, device="cpu")
+    with mlflow.start_run() as plain:
+        mlflow.log_params({"epochs": 10})
+        mlflow.log_metrics({"test_acc": 0.61, "test_top5": 0.85, "wall_seconds": 1020.4, "images_per_second": 17.2})
+    bench = finetune.Bench(args, 2, Path("w.pth"))
+    bench.reuse("plain_all", plain.info.run_id)
+    assert bench.ids == {"plain_all": plain.info.run_id}
+    assert bench.rows == [{"run": "plain_all", "test acc": 0.61, "top-5": 0.85, "val acc": None, "epochs": "10",
+                           "wall s": 1020, "train img/s": 17, "MLflow run": plain.info.run_id[:8]}]
+    running = mlflow.start_run()
+    with pytest.raises(ConfigError, match="is RUNNING, expected FINISHED"):
+        bench.reuse("plain_lr", running.info.run_id)
+    mlflow.end_run()
