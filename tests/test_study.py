@@ -97,6 +97,34 @@ def test_a_bad_step_option_fails_before_any_run() -> None:
     assert len(_runs()) == before
 
 
+def test_what_a_late_step_would_fail_on_stops_the_study_before_its_first_step(
+        tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new class with no folder on real data, an empty folder, a model whose pretrained weights are nowhere, a
+    dataset of annotations without images: one error each, before any run (not after the first steps' hours)."""
+    real = tmp_path / "cars"
+    for split in ("train", "test"):
+        for name in ("Audi A", "BMW B"):
+            (real / split / name).mkdir(parents=True)
+            (real / split / name / "1.jpg").write_bytes(
+                (shared_data / "sample" / "cars_train_bbox_cropped" / "00001.jpg").read_bytes())
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # resnet18's weights: not in this (empty) cache, no download
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    before = len(_runs())
+    cases = (
+        ({"data": str(real), "steps": "data_analysis,new_category"}, "new_category.folder: required when data is "
+                                                                     "not 'synthetic'"),
+        ({"steps": "new_category", "set": f"new_category.folder={tmp_path / 'empty'}"}, "is empty; expected images"),
+        ({"steps": "transfer_all", "set": "transfer_all.models=resnet18,transfer_all.pretrained=true"},
+         "study step transfer_all, model resnet18: pretrained weights for 'resnet18'"),
+        ({"data": str(shared_data), "steps": "data_analysis"}, "annotations only, no images on disk"),
+    )
+    for options, fragment in cases:
+        with pytest.raises(CarsmlError, match=fragment):
+            run_experiment("study", {**options, "device": "cpu"})
+    assert len(_runs()) == before
+
+
 def test_a_step_needing_an_earlier_step_says_which() -> None:
     with pytest.raises(CarsmlError, match="step errors takes its input from this study's improved or kfold_improved "
                                           "step"):

