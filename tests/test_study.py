@@ -156,6 +156,14 @@ def test_the_study_runs_its_steps_as_children_and_again_reuses_every_one() -> No
     assert {r.info.run_id for r in _runs()} == before  # nothing new
     assert client.get_run(first.run_id).data.tags[tag.STEPS_REUSED] == "data_analysis,kfold_improved,errors"
 
+    changed = TINY_STUDY.replace("errors.gallery=2", "errors.gallery=3")  # one step's option, added or changed
+    third = run_experiment("study", {"steps": STEPS_RUN, "set": changed, "device": "cpu"})
+    assert third.run_id == first.run_id  # still the same study: only the changed step runs again
+    assert [s.action for s in third.steps] == ["reused", "reused", "ran"]
+    assert third.steps[2].run_id != first.steps[2].run_id
+    parent = client.get_run(first.run_id).data
+    assert parent.tags[tag.STUDY_SET] == changed and parent.tags[tag.STEPS_REUSED] == "data_analysis,kfold_improved"
+
 
 def test_a_killed_resumable_step_continues_and_other_unfinished_steps_are_replaced() -> None:
     seen: list[dict[str, Any]] = []

@@ -245,13 +245,18 @@ def run_step(step: str, given: dict[str, Any], parent_id: str, entry_points: Ent
     return Step(step, started[before], reused=False, resumed=resumed)
 
 
+PER_INVOCATION = ("entry_point", "steps", "set")  # study options that may change between invocations of one study
+
+
 def _earlier_study(cfg: dict[str, Any]) -> str:
-    """The study run to continue: the latest one in the experiment with the same options (`steps` aside)."""
+    """The study run to continue: the latest one in the experiment with the same options, `steps` and `set` aside
+    (each step's own options decide whether it is reused, so adding one `set` item reruns only the steps it changes).
+    """
     searched, _ = searched_experiment(cfg["experiment_name"])
     if searched is None:
         return ""
     runs = [r for r in search_runs([searched], f"tags.`{tag.ENTRY_POINT}` = 'study'", ["attributes.start_time DESC"])
-            if all(param_value(r, k) == param_text(v) for k, v in cfg.items() if k not in ("entry_point", "steps"))]
+            if all(param_value(r, k) == param_text(v) for k, v in cfg.items() if k not in PER_INVOCATION)]
     return runs[0].info.run_id if runs else ""
 
 
@@ -274,7 +279,8 @@ def run(cfg: dict[str, Any], entry_points: EntryPoints) -> StudyResult:
                 done.append(run_step(step, given[step], parent_id, entry_points, started))
                 print(f"study step {step:<15} {done[-1].action:<8} run {done[-1].run_id}", flush=True)
         log_csv(pd.DataFrame([s.__dict__ for s in done]), "tables/steps.csv", as_table=True)
-        set_tags({tag.STEPS_REUSED: ",".join(s.name for s in done if s.reused)})
+        set_tags({tag.STEPS_REUSED: ",".join(s.name for s in done if s.reused), tag.STUDY_STEPS: cfg["steps"] or "",
+                  tag.STUDY_SET: cfg["set"] or ""})  # the params keep the first invocation's; these, the latest
         log_metrics({"steps_run": sum(not s.reused for s in done), "steps_reused": sum(s.reused for s in done)})
         if "report" in steps:
             log_artifacts(cfg["report_dir"], "report")

@@ -62,4 +62,6 @@ PARAM_IMPORTANCE = "carsml.param_importance"
 
 # study
 STEPS_REUSED = "carsml.steps_reused"  # the steps an invocation of the study reused instead of running
+STUDY_STEPS = "carsml.study_steps"  # the latest invocation's `steps` (the param keeps the first invocation's)
+STUDY_SET = "carsml.study_set"  # the latest invocation's `set`
 NOTE = "mlflow.note.content"  # the run's description in the MLflow UI (a one-line key result)
