@@ -343,3 +343,22 @@ def test_a_killed_workers_trial_is_failed_and_retried_by_the_next_worker(
     assert not any(t.state == States.RUNNING for t in trials)
     killed = MlflowClient().get_run(killed_run)
     assert killed.info.status == "FAILED" and "no heartbeat" in killed.data.tags["carsml.error"]
+
+
+def test_optuna_speaks_per_trial_only_when_verbose(colours: Path, tmp_path: Path) -> None:
+    """The carsml commands' quiet default covers Optuna too (it sets its own level, INFO, when first used): its
+    "Trial N finished" lines are below the level a tune run leaves it at, unless --verbose."""
+    import logging
+
+    from carsml.tracking.runs import quiet_mlflow
+
+    options = {**TUNE, "data": str(colours), "n_trials": 1, "epochs": 1}
+    try:
+        for quiet, level in ((True, logging.WARNING), (False, logging.INFO)):
+            quiet_mlflow(quiet)
+            optuna.logging.set_verbosity(logging.DEBUG)  # whatever an import or another library left
+            run_experiment("tune", {**options, "study_name": f"quiet-{quiet}",
+                                    "storage": f"sqlite:///{tmp_path}/{quiet}.db"})
+            assert optuna.logging.get_verbosity() == level
+    finally:
+        quiet_mlflow(False)

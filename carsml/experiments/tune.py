@@ -47,6 +47,7 @@ from carsml.tracking import tags as tag
 from carsml.tracking.runs import (
     end_run,
     fail_run,
+    library_log_level,
     log_csv,
     log_dataset,
     log_figure,
@@ -394,6 +395,7 @@ def _summarise(study: optuna.Study, cfg: dict[str, Any], result: TuneResult) -> 
 def run(cfg: dict[str, Any]) -> TuneResult:
     """Run `n_trials` trials (or until `timeout`) of the study as one worker; see the module docstring."""
     setup_tracking()
+    optuna.logging.set_verbosity(library_log_level())  # quiet unless --verbose, as MLflow
     space = check_options(cfg)
     url = storage_url(str(cfg["storage"]))
     here = join_processes(cfg)

@@ -41,10 +41,20 @@ _SQLITE_HEADER = b"SQLite format 3\x00"
 _checked_uris: set[str] = set()  # URIs already found usable in this process (the check runs once per URI)
 
 
+_LIBRARY_LEVEL = logging.INFO  # the log level chosen for MLflow and Optuna (quiet_mlflow)
+
+
+def library_log_level() -> int:
+    """The level `quiet_mlflow` chose: Optuna sets its own level when imported, so `tune` applies this one after."""
+    return _LIBRARY_LEVEL
+
+
 def quiet_mlflow(quiet: bool = True) -> None:
-    """Silence MLflow's INFO lines and artifact progress bars (the default of the `carsml` commands; `--verbose`
-    brings them back): each command ends with its own summary instead."""
-    logging.getLogger("mlflow").setLevel(logging.WARNING if quiet else logging.INFO)
+    """Silence MLflow's INFO lines and artifact progress bars, and Optuna's per-trial lines (`library_log_level`), the
+    default of the `carsml` commands (`--verbose` brings them back): each command ends with its own summary instead."""
+    global _LIBRARY_LEVEL
+    _LIBRARY_LEVEL = logging.WARNING if quiet else logging.INFO
+    logging.getLogger("mlflow").setLevel(_LIBRARY_LEVEL)
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false" if quiet else "true"
 
 
