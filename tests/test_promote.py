@@ -244,3 +244,25 @@ def test_another_family_is_promoted_under_its_own_names_and_a_refit_wins_its_sel
     assert float(net.tags["val_acc"]) == select.finals["best_val_acc"] and net.tags["selection_run_id"] == select_id
     assert "resnet18 fine-tuned" in client.get_registered_model("carsml-resnet18").description
     assert NET not in {m.name for m in client.search_registered_models()}  # the resnet50 family was left alone
+
+
+def test_registration_notes_are_quiet_unless_verbose(capsys: pytest.CaptureFixture[str]) -> None:
+    """MLflow's "Successfully registered model" / "Created version" lines (printed through its own stream) are
+    dropped under the commands' quiet default; anything else it writes passes; --verbose shows them all."""
+    from mlflow.utils.logging_utils import eprint
+
+    from carsml.tracking.registry import _without_registration_notes
+    from carsml.tracking.runs import quiet_mlflow
+
+    try:
+        for quiet in (True, False):
+            quiet_mlflow(quiet)
+            with _without_registration_notes():
+                eprint("Successfully registered model 'carsml-x'.")
+                eprint("Created version '1' of model 'carsml-x'.")
+                eprint("WARNING something the user must see")
+            err = capsys.readouterr().err
+            assert "WARNING something the user must see" in err
+            assert ("Created version" in err) is not quiet and ("Successfully registered" in err) is not quiet
+    finally:
+        quiet_mlflow(False)

@@ -7,7 +7,12 @@ returns the existing version instead of adding a duplicate.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import math
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import mlflow
@@ -17,6 +22,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from carsml.errors import CarsmlError
+from carsml.tracking.runs import library_log_level
 
 CHAMPION = "champion"
 MODEL_URI_TAG = "model_uri"  # tag on every carsml version: the logged model it was registered from
@@ -62,6 +68,26 @@ def check_logged_model(model_uri: str) -> None:
                           f"({exc.message})") from None
 
 
+REGISTRATION_NOTES = ("Successfully registered model", "Created version", "Registered model")
+
+
+@contextlib.contextmanager
+def _without_registration_notes() -> Iterator[None]:
+    """`mlflow.register_model` prints its progress on stderr ("Successfully registered model 'x'.", "Created version
+    '1' of model 'x'."); under the commands' quiet default those lines are dropped (promote says what it registered)
+    and anything else MLflow writes there is passed on."""
+    if library_log_level() <= logging.INFO:
+        yield
+        return
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+    finally:
+        sys.stderr.write("".join(line for line in buffer.getvalue().splitlines(keepends=True)
+                                 if not line.startswith(REGISTRATION_NOTES)))
+
+
 def register(name: str, model_uri: str, tags: dict[str, str], description: str = "") -> tuple[ModelVersion, bool]:
     """Register `model_uri` as a version of `name` (created when missing) with `tags`; returns (version, created).
 
@@ -73,8 +99,9 @@ def register(name: str, model_uri: str, tags: dict[str, str], description: str =
     if existing is not None:
         return existing, False
     new_model = not model_exists(client, name)
-    version = mlflow.register_model(model_uri, name, tags={**tags, MODEL_URI_TAG: model_uri},
-                                    await_registration_for=READY_TIMEOUT_S)
+    with _without_registration_notes():
+        version = mlflow.register_model(model_uri, name, tags={**tags, MODEL_URI_TAG: model_uri},
+                                        await_registration_for=READY_TIMEOUT_S)
     if new_model and description:
         client.update_registered_model(name, description=description)
     if version.status != "READY":
