@@ -102,7 +102,7 @@ def test_the_next_hint_names_this_run_its_family_and_the_registered_model() -> N
     """After transfer: features-rf on this very run; after features_rf: promote of its family in its experiment;
     after promote: serve the model it registered (its model_name, else carsml-<model>)."""
     from carsml.tracking import tags as tag
-    from carsml.tracking.summary import next_command
+    from carsml.tracking.summary import key_result, next_command
 
     mlflow.set_experiment("real cars")
     runs = {}
@@ -120,3 +120,10 @@ def test_the_next_hint_names_this_run_its_family_and_the_registered_model() -> N
         "carsml promote --model efficientnet_lite0 --experiment-name 'real cars'"
     assert "-m models:/carsml-efficientnet_lite0@champion " in next_command("promote", promote[0], "real cars")
     assert "-m models:/lite-cars@champion " in next_command("promote", promote[1], "real cars")
+    with mlflow.start_run(tags={tag.ENTRY_POINT: "tune"}) as active:
+        mlflow.log_params({"model": "improved_cnn"})
+        mlflow.log_metrics({"best_value": 0.5, "best_trial_number": 0, "best_lr": 0.0012345, "best_dropout": 0.25})
+    tune = mlflow.get_run(active.info.run_id)
+    assert next_command("tune", tune, "real cars").startswith(  # what is known is filled in, the rest named
+        "carsml improved --model improved_cnn --lr 0.00123 --dropout 0.25 --weight-decay <best weight decay> ")
+    assert key_result("tune", tune.data.metrics) == "best val acc 0.5000 · best trial 0"  # a count, not 0.0000

@@ -39,7 +39,8 @@ NEXT: dict[str, str] = {
     "transfer_all": "carsml compare",
     "features_rf": "carsml promote --model {model} --experiment-name {experiment}",
     "promote": "mlflow models serve -m models:/{served}@champion --env-manager local -p 5001",
-    "tune": "carsml improved --lr <best lr> --dropout <best dropout> --weight-decay <best weight decay>",
+    "tune": "carsml improved --model {model} --lr {best_lr} --dropout {best_dropout} --weight-decay "
+            "{best_weight_decay}   (the best trial's values, with the tune run's other options)",
     "data_analysis": "carsml improved --image-size 64 --epochs 15 --batch-size 32 --head-widths 512,256 --lr 0.001",
 }
 
@@ -50,8 +51,13 @@ def _family(entry: str) -> str:
     return entry if entry in KEY_METRICS else "train"
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.0f}" if float(value).is_integer() and abs(value) >= 1 else f"{value:.4f}"
+COUNTS = {"best_trial_number", "best_epoch", "steps_run", "steps_reused", "report_tables", "report_figures",
+          "report_missing_rows"}  # key metrics that count something: shown as integers
+
+
+def _fmt(value: float, name: str = "") -> str:
+    whole = name in COUNTS or (float(value).is_integer() and abs(value) >= 1)
+    return f"{value:.0f}" if whole else f"{value:.4f}"
 
 
 def key_result(entry: str, metrics: dict[str, float]) -> str:
@@ -60,7 +66,7 @@ def key_result(entry: str, metrics: dict[str, float]) -> str:
     for label, names in KEY_METRICS[_family(entry)]:
         mean, _, std = names.partition("±")
         if mean in metrics:
-            parts.append(f"{label} {_fmt(metrics[mean])}" + (f" ± {metrics[std]:.4f}" if std in metrics else ""))
+            parts.append(f"{label} {_fmt(metrics[mean], mean)}" + (f" ± {metrics[std]:.4f}" if std in metrics else ""))
     return " · ".join(parts) or "no metrics logged"
 
 
@@ -101,8 +107,11 @@ def next_command(entry: str, run: Run, experiment: str) -> str:
     model = run.data.tags.get(tag.MODEL) or params.get("model", "")
     given = params.get("model_name", "")
     served = given if given not in ("", "None") else f"carsml-{model}"
+    best = {f"best_{name}": f"{run.data.metrics[f'best_{name}']:.3g}" if f"best_{name}" in run.data.metrics
+            else f"<best {name.replace('_', ' ')}>" for name in ("lr", "dropout", "weight_decay")}
     template = NEXT["kfold" if entry.startswith("kfold") else entry]
-    return template.format(run=run.info.run_id, model=model, experiment=shlex.quote(experiment), served=served)
+    return template.format(run=run.info.run_id, model=model, experiment=shlex.quote(experiment), served=served,
+                           **best)
 
 
 def last_run_summary() -> list[str]:
