@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import socket
 import time
 from pathlib import Path
@@ -317,3 +318,10 @@ def test_many_bad_rows_are_all_listed_and_the_first_ones_explained() -> None:
     assert "12 of 13 row(s) have a bad `image` (row 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)" in message
     assert "row 10: `image` is not valid base64" in message and "row 11:" not in message
     assert message.endswith("; ... (2 more)")
+
+
+@pytest.mark.parametrize("widths", ["512,abc", "512,-1", "0", "1.5"])
+def test_malformed_head_widths_name_the_option_in_one_line(widths: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^head_widths \(--head-widths\): expected comma-separated positive "
+                                          rf"integers such as 512,256, got '{re.escape(widths)}'$"):
+        run_experiment("improved", {"head_widths": widths, "device": "cpu"})

@@ -47,11 +47,20 @@ def limit_classes(dataset: Dataset, max_classes: int | None) -> Dataset:
 OUR_CNNS = ("baseline_cnn", "improved_cnn")
 
 
+def parse_widths(text: Any) -> tuple[int, ...]:
+    """The `head_widths` option ("512,256") as integers; ConfigError naming the option for anything else."""
+    parts = [w.strip() for w in str(text).split(",") if w.strip()]
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(f"head_widths (--head-widths): expected comma-separated positive integers such as 512,256, "
+                          f"got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
 def model_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     """create_model keyword arguments from a training config (our CNNs' options only apply to them)."""
     kwargs: dict[str, Any] = {"dropout": cfg["dropout"]}
     if cfg["model"] in OUR_CNNS:
-        kwargs["head_widths"] = tuple(int(w) for w in str(cfg["head_widths"]).split(",") if w.strip())
+        kwargs["head_widths"] = parse_widths(cfg["head_widths"])
         kwargs["head"] = cfg["head"]
         kwargs["se"] = cfg["se"]
         if cfg["model"] == "improved_cnn":
