@@ -64,8 +64,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.startup_s = startup_s
         bin_dir = str(Path(sys.executable).parent)  # uvicorn and mlflow must come from the venv
-        env = {**os.environ, **(env_extra or {}), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-               "MLFLOW_TRACKING_URI": tracking_uri}
+        env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", **(env_extra or {}),
+               "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": tracking_uri}
         self.log = log
         self.rss_at_start = 0  # set once the server is ready
         self.proc = subprocess.Popen(
