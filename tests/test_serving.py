@@ -412,3 +412,20 @@ def test_jpegs_count_at_their_reduced_decoding_scale(monkeypatch: pytest.MonkeyP
     assert decode_images([jpeg] * 2, 64).shape == (2, 64, 64, 3)
     with pytest.raises(MlflowException, match="24,000,000 pixels to decode in all"):
         decode_images([png(4000, 3000)] * 2, 64)
+
+
+def test_an_image_or_box_too_small_for_the_model_is_refused() -> None:
+    """A 1x1 image once got a confident label: below 1/8 of the input on its shorter side a row is refused (400),
+    naming the row, its size and the minimum; at the minimum it is classified."""
+    from carsml.tracking import pyfunc_model
+
+    assert [pyfunc_model.min_side(s) for s in (8, 64, 160, 224)] == [1, 8, 20, 28]
+    assert pyfunc_model.open_image(png(20, 80), 0, 160).pixels == 1600  # at the minimum
+    with pytest.raises(MlflowException, match=r"row 0: image is 1x1; this model \(64 px input\) needs at least 8 px "
+                                              r"on the shorter side"):
+        pyfunc_model.open_image(png(1, 1), 0, 64)
+    with pytest.raises(MlflowException, match=r"row 3: image is 19x300; this model \(160 px input\) needs at least "
+                                              r"20 px"):
+        pyfunc_model.open_image(png(19, 300), 3, 160)
+    with pytest.raises(MlflowException, match=r"row 1: `box` is 50x7; this model \(64 px input\) needs at least 8"):
+        pyfunc_model.open_image(png(100, 100), 1, 64, box=(10, 10, 60, 17))

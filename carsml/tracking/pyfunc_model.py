@@ -65,6 +65,7 @@ MAX_IMAGE_BYTES = 20 * MIB  # per image, decoded from base64
 MAX_PIXELS = 40_000_000  # per image, width x height as stored
 MAX_REQUEST_PIXELS = 100_000_000  # all images of a request together, as decoded (a drafted JPEG at its reduced scale)
 PARALLEL_DECODE_MAX_PIXELS = 4_000_000  # larger images are decoded one at a time (memory: ~4-20 bytes per pixel)
+MIN_SIDE_FRACTION = 8  # an image (or its box) must be at least 1/8 of the model's input on its shorter side
 MAX_ROWS_DESCRIBED = 10  # bad rows whose problem a refusal spells out (all bad row indexes are listed)
 FORMATS = "JPEG and PNG"  # what is accepted, as messages and docs name it
 SERVE_THREADS_ENV = "CARSML_SERVE_THREADS"
@@ -187,10 +188,25 @@ class OpenedImage(NamedTuple):
     policy: BoxPolicy = BoxPolicy()
 
 
+def min_side(size: int) -> int:
+    """The shortest side (pixels) of an image or box that a model of input `size` classifies: 1/MIN_SIDE_FRACTION of
+    it. Smaller, the crop is blown up more than that many times and its label would be a guess (a 1x1 image got a
+    confident one)."""
+    return max(1, -(-size // MIN_SIDE_FRACTION))
+
+
+def _check_visible(width: int, height: int, size: int, row: int, what: str) -> None:
+    if min(width, height) < min_side(size):
+        raise _bad(f"row {row}: {what} is {width}x{height}; this model ({size} px input) needs at least "
+                   f"{min_side(size)} px on the shorter side (1/{MIN_SIDE_FRACTION} of its input): smaller, its "
+                   "label would be a guess")
+
+
 def open_image(text: object, row: int, size: int, box: tuple[int, int, int, int] | None = None,
                policy: BoxPolicy = BoxPolicy()) -> OpenedImage:
     """Check one row from its header only (nothing is decoded): a non-empty base64 string of at most MAX_IMAGE_BYTES,
-    a JPEG or PNG by its signature, at most MAX_PIXELS, a `box` (from `parse_box`) that meets the image; plan its
+    a JPEG or PNG by its signature, at most MAX_PIXELS and at least `min_side` on its shorter side (its box too), a
+    `box` (from `parse_box`) that meets the image; plan its
     decode to size x size with the model's box `policy`. Errors name the row."""
     if isinstance(text, (bytes, bytearray, memoryview)) and len(text):  # the `binary` column, decoded by the server
         if len(text) > MAX_IMAGE_BYTES:
@@ -220,6 +236,9 @@ def open_image(text: object, row: int, size: int, box: tuple[int, int, int, int]
     try:
         if img.width * img.height > MAX_PIXELS:
             raise _bad(f"row {row}: image is {img.width}x{img.height}, more than {MAX_PIXELS:,} pixels")
+        _check_visible(img.width, img.height, size, row, "image")
+        if box is not None:
+            _check_visible(box[2] - box[0], box[3] - box[1], size, row, "`box`")
         later = box is not None and orientation_needs_decode(img)  # a PNG decodes in full anyway: same pixel count
         plan = None if later else _plan(img, box, policy, size, row)
         return OpenedImage(img, plan, img.width * img.height, box, policy)
