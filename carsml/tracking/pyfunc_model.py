@@ -50,6 +50,7 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image, UnidentifiedImageError
 
 from carsml.data.images import CropPlan, box_region, finish_crop, orientation_needs_decode, plan_crop
@@ -121,8 +122,23 @@ def serve_threads(environ: Mapping[str, str] | None = None) -> int:
     return threads
 
 
+class RequestRefused(MlflowException):
+    """A refused request (HTTP 400). MLflow's scoring server rewrites an error's message to "Failed to predict data
+    '<the whole request frame>'. Error: <message>", which for a large request is hundreds of characters of raw bytes
+    before the sentence that helps; this error keeps its own message, so the body says what to fix and stays short."""
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):  # set once, by MlflowException.__init__; the server's rewrite is ignored
+            self._message = value
+
+
 def _bad(message: str) -> MlflowException:
-    return MlflowException.invalid_parameter_value(message)
+    return RequestRefused(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def sniff_format(data: bytes) -> str | None:
