@@ -16,10 +16,8 @@ import typer
 from rich.console import Console
 
 from carsml.config import DEFAULTS_DIR, entry_points, load_config, options
-from carsml.engine import distributed
 from carsml.errors import CarsmlError, ConfigError
 from carsml.experiments import COMMANDS
-from carsml.tracking.runs import param_text, quiet_mlflow
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Dataset helpers: generate the synthetic dataset, analyse a dataset.", no_args_is_help=True)
@@ -31,7 +29,8 @@ console = Console(stderr=True)
 def run_experiment(name: str, overrides: dict[str, Any] | None = None, *, passes_defaults: bool = False) -> Any:
     """Resolve the config of experiment `name` and run it (the Python API behind every command); see `load_config`
     for `passes_defaults`."""
-    from carsml.experiments.registry import ENTRY_POINTS  # imported on use: `carsml --help` stays quick
+    from carsml.engine import distributed  # torch, MLflow and the entry points load on use: --help stays quick
+    from carsml.experiments.registry import ENTRY_POINTS
 
     cfg = load_config(name, overrides, passes_defaults=passes_defaults)
     here = distributed.world()
@@ -51,6 +50,9 @@ def launch(name: str, cfg: Mapping[str, Any]) -> None:
     <command> <every option>` on this machine (several machines: start torchrun yourself, docs/scaling.md). Rank 0
     prints the summary; a failed process fails the command."""
     import torch
+
+    from carsml.engine import distributed
+    from carsml.tracking.runs import param_text
 
     nproc, device = cfg["nproc"], str(cfg["device"])
     on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
@@ -113,6 +115,9 @@ def _register(name: str, command_name: str, target: typer.Typer) -> None:
     ))
 
     def command(verbose: bool = False, **kwargs: Any) -> None:
+        from carsml.engine import distributed
+        from carsml.tracking.runs import quiet_mlflow
+
         quiet_mlflow(not verbose)
         try:
             # `mlflow run` (which sets MLFLOW_RUN_ID for the command) passes every MLproject parameter, defaults too
