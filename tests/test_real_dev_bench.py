@@ -109,6 +109,7 @@ def test_a_reused_run_gives_the_row_it_gave_when_made() -> None:
     finetune = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(finetune)
     args = argparse.Namespace(data=Path("."), classes=0, model="efficientnet_lite0", size=160, epochs=10, device="cpu")
+    mlflow.set_experiment("real-finetune")  # this test's store (another test may have left another experiment active)
     with mlflow.start_run() as plain:
         mlflow.log_params({"epochs": 10})
         mlflow.log_metrics({"test_acc": 0.61, "test_top5": 0.85, "wall_seconds": 1020.4, "images_per_second": 17.2})

@@ -349,10 +349,9 @@ def _figures(study: optuna.Study, seed: int) -> None:
         log_figure(ovm.plot_optimization_history(study).figure, "figures/optimization_history.png")
         log_figure(ovm.plot_intermediate_values(study).figure, "figures/intermediate_values.png")
         if len(complete) < 2 or len({t.value for t in complete}) < 2:  # fANOVA needs values that differ
-            values = sorted({round(t.value, 4) for t in complete})
+            distinct = [str(v) for v in sorted({round(t.value, 4) for t in complete})]
             set_tag(tag.PARAM_IMPORTANCE, f"skipped: needs >= 2 completed trials with different values; "
-                                          f"{len(complete)} completed, with {len(values)} distinct value(s)"
-                                          + (f" ({', '.join(map(str, values[:5]))})" if values else ""))
+                    f"{len(complete)} completed, with {len(distinct)} distinct value(s) ({', '.join(distinct[:5])})")
             return
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
         importances = optuna.importance.get_param_importances(study, evaluator=evaluator)

@@ -26,6 +26,9 @@ own OpenMP team; teams on the same cores slow each other down, and an OpenMP tea
 layer. So the network only ever runs on this model's own inference threads: usable cores // CARSML_SERVE_THREADS of
 them, each with CARSML_SERVE_THREADS torch intra-op threads (default `default_threads()`: every usable core), loaded
 there too; a batch is split across them. The rest of the process keeps torch's own thread setting.
+
+Larger than the house's 450 lines because MLflow loads this one file as the model's code: the request contract (limits,
+refusals, boxes), decoding and the threaded forward are what a served request runs, read here together.
 """
 
 from __future__ import annotations
