@@ -60,6 +60,7 @@ from report import machine, write_section  # noqa: E402
 
 from carsml.cli import run_experiment  # noqa: E402
 from carsml.config import load_config, parse_assignments  # noqa: E402
+from carsml.data.readers_kaggle import class_folder  # noqa: E402
 from carsml.errors import ConfigError  # noqa: E402
 from carsml.experiments.markdown import frame_markdown  # noqa: E402
 from carsml.experiments.train import train_config  # noqa: E402
@@ -83,7 +84,7 @@ def big_trucks(data: Path, out: Path) -> Path:
     known = {d.name for d in (data / "train").iterdir()}
     index = pd.read_csv(SAMPLE / "sample_index.csv")
     trucks = index[index["class_name"].str.contains(r"\bCab\b|\bVan\b", regex=True)
-                   & ~index["class_name"].str.replace("/", "-").isin(known)]
+                   & ~index["class_name"].map(class_folder).isin(known)]
     out.mkdir(parents=True, exist_ok=True)
     for fname in trucks["fname"]:
         if not (out / fname).is_symlink():

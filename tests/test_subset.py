@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from carsml.cli import app
 from carsml.data.readers import load_dataset
-from carsml.data.subset import DEV_INDEX, folder_name, read_index
+from carsml.data.readers_kaggle import class_folder
+from carsml.data.subset import DEV_INDEX, read_index
 from carsml.data.synthetic import generate_synthetic
 
 runner = CliRunner()
@@ -48,13 +49,13 @@ def test_the_subset_holds_the_box_crops_the_index_names(download: Path, tmp_path
     assert done.exit_code == 0, done.output
     kept = index[index["class_id_1based"].isin([1, 3])]
     written = sorted(p.relative_to(out / "car_data").as_posix() for p in (out / "car_data").rglob("*.jpg"))
-    assert written == sorted(f"{r.split}/{folder_name(r.class_name)}/{r.fname}" for r in kept.itertuples())
+    assert written == sorted(f"{r.split}/{class_folder(r.class_name)}/{r.fname}" for r in kept.itertuples())
     assert pd.read_csv(out / "index.csv")["fname"].tolist() == kept["fname"].tolist()
     table = load_dataset(download).split("train").set_index("fname")
     for r in kept.itertuples():
         box = table.loc[r.fname]
         w, h = box["x2"] - box["x1"], box["y2"] - box["y1"]
-        with Image.open(out / "car_data" / r.split / folder_name(r.class_name) / r.fname) as img:
+        with Image.open(out / "car_data" / r.split / class_folder(r.class_name) / r.fname) as img:
             assert max(img.size) <= 24 and abs(img.width / img.height - w / h) < 0.2  # the box, downsized
     subset = load_dataset(out / "car_data")  # carsml reads it as class folders
     assert subset.num_classes == 2 and len(subset.table) == len(kept)

@@ -99,13 +99,19 @@ def _kaggle_parts(files: _KaggleFiles) -> tuple[list[str], list[_Annotations]]:
     return class_names, parts
 
 
+def class_folder(class_name: str) -> str:
+    """A class's image folder (Kaggle's, and the real dev set's): its name with "/" (not allowed in a folder name) as
+    "-"."""
+    return class_name.replace("/", "-")
+
+
 def _class_folder_names(class_names: list[str], source: Path) -> list[str]:
     """The Kaggle image folder of each class: its name with "/" (not allowed in a folder name) as "-".
 
     Raises DataError naming `source` (names.csv, whose line i names class id i) and the classes when two names give
     the same folder: their images would mix.
     """
-    folders = [n.replace("/", "-") for n in class_names]
+    folders = [class_folder(n) for n in class_names]
     ids: dict[str, list[int]] = {}
     for i, folder in enumerate(folders, 1):
         ids.setdefault(folder, []).append(i)

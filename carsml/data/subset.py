@@ -16,6 +16,7 @@ import pandas as pd
 from PIL import Image
 
 from carsml.data.images import crop_to_box, open_rgb
+from carsml.data.readers_kaggle import class_folder
 from carsml.data.table import Dataset
 from carsml.errors import ConfigError, DataError
 
@@ -43,11 +44,6 @@ def read_index(path: Path = DEV_INDEX, class_ids: list[int] | None = None) -> pd
     return index.reset_index(drop=True)
 
 
-def folder_name(class_name: str) -> str:
-    """A class's folder name: its devkit name with `/` replaced by `-` (as the dev set spells them)."""
-    return class_name.replace("/", "-")
-
-
 def build_subset(dataset: Dataset, index: pd.DataFrame, out: Path, max_side: int = MAX_SIDE) -> Path:
     """Write `index`'s images of `dataset` (a Stanford Cars download, official train split) as box crops under
     `out/car_data/{split}/{class}/` plus `out/index.csv`. Every file and class is checked before anything is written;
@@ -65,7 +61,7 @@ def build_subset(dataset: Dataset, index: pd.DataFrame, out: Path, max_side: int
                         f"{absent['fname'].iloc[0]} ({absent['class_name'].iloc[0]}); expected a full Stanford Cars "
                         "download (devkit or Kaggle layout)")
     rows = train.loc[index["fname"]]
-    wrong = index[rows["class_name"].map(folder_name).to_numpy() != index["class_name"].map(folder_name).to_numpy()]
+    wrong = index[rows["class_name"].map(class_folder).to_numpy() != index["class_name"].map(class_folder).to_numpy()]
     if len(wrong):
         fname = wrong["fname"].iloc[0]
         raise DataError(f"{dataset.root}: {fname} is {train.loc[fname, 'class_name']!r} there but "
@@ -79,7 +75,7 @@ def build_subset(dataset: Dataset, index: pd.DataFrame, out: Path, max_side: int
             if scale < 1:
                 crop = crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))),
                                    Image.Resampling.BICUBIC)
-            target = partial / "car_data" / spec["split"] / folder_name(spec["class_name"]) / spec["fname"]
+            target = partial / "car_data" / spec["split"] / class_folder(spec["class_name"]) / spec["fname"]
             target.parent.mkdir(parents=True, exist_ok=True)
             crop.save(target, "JPEG", quality=JPEG_QUALITY)
         index.to_csv(partial / "index.csv", index=False)
